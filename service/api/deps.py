@@ -1,0 +1,65 @@
+"""Dependencies shared by the routers: the database, settings, auth and request metadata."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from service import keys
+from service.config import Settings
+from service.db import Database
+from service.models import ApiKey
+from service.subscriptions import Consent
+
+bearer = HTTPBearer(auto_error=False, description="An API key made by `newsletter keys create`.")
+
+
+def get_db(request: Request) -> Database:
+    db: Database = request.app.state.db
+    return db
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+DbDep = Annotated[Database, Depends(get_db)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
+async def _read_key(db: DbDep, credentials: Credentials) -> ApiKey:
+    async with db.transaction() as session:
+        return await keys.authenticate(
+            session, credentials.credentials if credentials else None, need_write=False
+        )
+
+
+async def _write_key(db: DbDep, credentials: Credentials) -> ApiKey:
+    async with db.transaction() as session:
+        return await keys.authenticate(
+            session, credentials.credentials if credentials else None, need_write=True
+        )
+
+
+ReadKey = Annotated[ApiKey, Depends(_read_key)]
+AdminKey = Annotated[ApiKey, Depends(_write_key)]
+
+
+def consent_from(request: Request, source: str, page: str | None = None) -> Consent:
+    return Consent(
+        source=source,
+        ip=request.client.host if request.client else None,
+        user_agent=request.headers.get("user-agent"),
+        page=page or request.headers.get("referer"),
+    )
+
+
+def wake_worker(request: Request) -> None:
+    """Tell an in-process delivery worker that mail is waiting (no-op without one)."""
+    worker = getattr(request.app.state, "worker", None)
+    if worker is not None:
+        worker.wakeup.set()

@@ -1,0 +1,246 @@
+"""The `newsletter` command: every subcommand reads the same settings as the server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from typing import Annotated
+
+import typer
+import uvicorn
+
+from service import keys, migrate, newsletters
+from service.config import Settings, load_settings
+from service.db import Database
+from service.errors import DomainError
+from service.mail import outbox
+from service.mail.worker import DeliveryWorker
+
+app = typer.Typer(help="Newsletter subscription service.", no_args_is_help=True)
+newsletters_app = typer.Typer(help="Create and list newsletters.", no_args_is_help=True)
+keys_app = typer.Typer(help="Admin API keys.", no_args_is_help=True)
+outbox_app = typer.Typer(help="The mail outbox.", no_args_is_help=True)
+app.add_typer(newsletters_app, name="newsletters")
+app.add_typer(keys_app, name="keys")
+app.add_typer(outbox_app, name="outbox")
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except RuntimeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+def _run(coro_factory: object) -> None:
+    try:
+        asyncio.run(coro_factory)  # type: ignore[arg-type]
+    except DomainError as exc:
+        typer.echo(f"error: {exc.detail or exc.title}", err=True)
+        raise typer.Exit(1) from exc
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
+    workers: Annotated[int, typer.Option(help="API processes.")] = 1,
+    no_worker: Annotated[bool, typer.Option("--no-worker", help="No delivery worker.")] = False,
+    demo: Annotated[bool, typer.Option("--demo", help="Create a sample newsletter.")] = False,
+) -> None:
+    """Run the HTTP service (and, by default, the delivery worker inside it)."""
+    settings = _settings()
+    if settings.is_sqlite:
+        migrate.upgrade(settings.resolved_database_url)
+    if demo:
+        _run(_ensure_demo(settings))
+    os.environ["NEWSLETTER_RUN_WORKER"] = "false" if no_worker else "true"
+    # Child processes must sign with the same key the embedded setup just generated.
+    os.environ["NEWSLETTER_SECRET_KEYS"] = ",".join(settings.secret_keys)
+    typer.echo(f"Serving on http://{host}:{port} (API docs at /docs)")
+    if settings.show_dev_mailbox:
+        typer.echo(
+            f"Mail goes to {settings.maildir_path}; read it at {settings.base_url}/dev/mailbox"
+        )
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="info",
+        proxy_headers=False,
+    )
+
+
+async def _ensure_demo(settings: Settings) -> None:
+    db = Database(settings)
+    try:
+        async with db.transaction() as session:
+            try:
+                await newsletters.get_newsletter(session, "demo")
+                return
+            except DomainError:
+                pass
+            await newsletters.create_newsletter(
+                session, "demo", "Demo newsletter", description="A sample list to sign up to."
+            )
+        typer.echo(f"Created newsletter 'demo'; sign up at {settings.base_url}/subscribe/demo")
+    finally:
+        await db.dispose()
+
+
+@app.command()
+def worker() -> None:
+    """Run the delivery worker alone (no HTTP)."""
+    settings = _settings()
+    logging.basicConfig(level=logging.INFO)
+
+    async def main() -> None:
+        db = Database(settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await DeliveryWorker(db, settings).run_forever(stop)
+        finally:
+            await db.dispose()
+
+    asyncio.run(main())
+
+
+@app.command("migrate")
+def migrate_command(
+    revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
+) -> None:
+    """Bring the database schema to the head revision (or the one named)."""
+    settings = _settings()
+    migrate.upgrade(settings.resolved_database_url, revision)
+    typer.echo(f"Database at {revision}")
+
+
+@newsletters_app.command("create")
+def newsletters_create(
+    slug: Annotated[str, typer.Option(help="URL-safe identifier.")],
+    name: Annotated[str, typer.Option(help="Name readers see.")],
+    opt_in: Annotated[str, typer.Option("--opt-in", help="double or single.")] = "double",
+    description: Annotated[str, typer.Option(help="Shown on forms.")] = "",
+    from_email: Annotated[str | None, typer.Option(help="Sender address.")] = None,
+    from_name: Annotated[str, typer.Option(help="Sender name.")] = "",
+    language: Annotated[str, typer.Option(help="Language of pages and mail.")] = "en",
+) -> None:
+    """Create a newsletter."""
+    settings = _settings()
+
+    async def main() -> None:
+        db = Database(settings)
+        try:
+            async with db.transaction() as session:
+                created = await newsletters.create_newsletter(
+                    session,
+                    slug,
+                    name,
+                    opt_in=opt_in,
+                    description=description,
+                    from_email=from_email,
+                    from_name=from_name,
+                    language=language,
+                )
+            typer.echo(f"Created newsletter {created.slug} ({created.opt_in} opt-in)")
+        finally:
+            await db.dispose()
+
+    _run(main())
+
+
+@newsletters_app.command("list")
+def newsletters_list() -> None:
+    """List newsletters with their subscription counts."""
+    settings = _settings()
+
+    async def main() -> None:
+        db = Database(settings)
+        try:
+            async with db.transaction() as session:
+                found = await newsletters.list_with_counts(session)
+        finally:
+            await db.dispose()
+        typer.echo(f"{'slug':<24} {'opt-in':<7} {'active':>8} {'pending':>8}  name")
+        for item in found:
+            n = item.newsletter
+            archived = " (archived)" if n.archived_at else ""
+            typer.echo(
+                f"{n.slug:<24} {n.opt_in:<7} {item.counts.get('active', 0):>8} "
+                f"{item.counts.get('pending', 0):>8}  {n.name}{archived}"
+            )
+
+    _run(main())
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="Who or what uses the key.")],
+    scope: Annotated[str, typer.Option(help="admin or read.")] = "admin",
+) -> None:
+    """Create an API key; it is printed once, alone on the last line."""
+    settings = _settings()
+
+    async def main() -> None:
+        db = Database(settings)
+        try:
+            async with db.transaction() as session:
+                created = await keys.create_key(session, name, scope)
+        finally:
+            await db.dispose()
+        typer.echo(f"Created {scope} key {name!r}; it is shown only now:")
+        typer.echo(created.key)
+
+    _run(main())
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """List keys (never the keys themselves)."""
+    settings = _settings()
+
+    async def main() -> None:
+        db = Database(settings)
+        try:
+            async with db.transaction() as session:
+                found = await keys.list_keys(session)
+        finally:
+            await db.dispose()
+        for key in found:
+            state = "revoked" if key.revoked_at else "live"
+            used = key.last_used_at.isoformat() if key.last_used_at else "never"
+            typer.echo(
+                f"{key.id:>4} {key.prefix}… {key.scope:<6} {state:<8} used {used}  {key.name}"
+            )
+
+    _run(main())
+
+
+@outbox_app.command("status")
+def outbox_status() -> None:
+    """Count outbox rows by state."""
+    settings = _settings()
+
+    async def main() -> None:
+        db = Database(settings)
+        try:
+            async with db.transaction() as session:
+                counts = await outbox.status_counts(session)
+        finally:
+            await db.dispose()
+        for status, count in counts.items():
+            typer.echo(f"{status:<8} {count}")
+
+    _run(main())
+
+
+def main() -> None:
+    app()

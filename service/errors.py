@@ -1,0 +1,165 @@
+"""Domain exceptions, and the one place they become problem+json (RFC 9457)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+PROBLEM_JSON = "application/problem+json"
+INVALID_EMAIL = "Please, enter correct email address"
+REQUIRED = "This field is required."
+
+
+@dataclass
+class FieldError:
+    field: str
+    code: str
+    message: str
+    detail: str | None = None
+    suggestion: str | None = None
+
+    def as_dict(self) -> dict[str, str]:
+        out = {"field": self.field, "code": self.code, "message": self.message}
+        if self.detail is not None:
+            out["detail"] = self.detail
+        if self.suggestion is not None:
+            out["suggestion"] = self.suggestion
+        return out
+
+
+class DomainError(Exception):
+    status = 400
+    code = "bad_request"
+    title = "Bad request"
+
+    def __init__(self, detail: str | None = None) -> None:
+        super().__init__(detail or self.title)
+        self.detail = detail
+
+
+class InvalidInput(DomainError):
+    status = 422
+    code = "invalid_input"
+
+    def __init__(self, errors: list[FieldError]) -> None:
+        self.errors = errors
+        # The first error's message is the title: a front-end can show it as is.
+        self.title = errors[0].message if errors else "Invalid input"
+        super().__init__(None)
+
+
+class NotFound(DomainError):
+    status = 404
+    code = "not_found"
+    title = "Not found"
+
+
+class TokenNotFound(NotFound):
+    code = "unknown_token"
+    title = "This link is not valid"
+
+
+class ConfirmationExpired(DomainError):
+    status = 410
+    code = "expired_token"
+    title = "This link has expired"
+
+
+class Conflict(DomainError):
+    status = 409
+    code = "conflict"
+    title = "Conflict"
+
+
+class Unauthorized(DomainError):
+    status = 401
+    code = "unauthorized"
+    title = "A valid API key is required"
+
+
+class Forbidden(DomainError):
+    status = 403
+    code = "forbidden"
+    title = "This API key may not do that"
+
+
+class PayloadTooLarge(DomainError):
+    status = 413
+    code = "payload_too_large"
+    title = "Request body too large"
+
+
+class UnsupportedMediaType(DomainError):
+    status = 415
+    code = "unsupported_media_type"
+    title = "Unsupported content type"
+
+
+def problem(
+    status: int,
+    title: str,
+    *,
+    code: str | None = None,
+    detail: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": f"about:blank#{code}" if code else "about:blank",
+        "title": title,
+        "status": status,
+    }
+    if detail:
+        body["detail"] = detail
+    body.update(extra)
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+def domain_error_response(exc: DomainError) -> JSONResponse:
+    extra: dict[str, Any] = {}
+    if isinstance(exc, InvalidInput):
+        extra["errors"] = [e.as_dict() for e in exc.errors]
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+    return problem(
+        exc.status, exc.title, code=exc.code, detail=exc.detail, headers=headers, **extra
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_domain_error(_request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, DomainError)
+        return domain_error_response(exc)
+
+    async def on_http_error(_request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        phrase = HTTPStatus(exc.status_code).phrase
+        detail = exc.detail if isinstance(exc.detail, str) and exc.detail != phrase else None
+        headers = dict(exc.headers) if exc.headers else None
+        return problem(exc.status_code, phrase, detail=detail, headers=headers)
+
+    async def on_validation_error(_request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        errors = []
+        for err in exc.errors():
+            loc = [str(part) for part in err.get("loc", ()) if part not in ("body", "query")]
+            field = ".".join(loc) or "body"
+            missing = err.get("type") == "missing"
+            errors.append(
+                FieldError(
+                    field=field,
+                    code="required" if missing else "invalid",
+                    message=REQUIRED if missing else str(err.get("msg", "Invalid value")),
+                ).as_dict()
+            )
+        title = errors[0]["message"] if errors else "Invalid input"
+        return problem(422, title, code="invalid_input", errors=errors)
+
+    app.add_exception_handler(DomainError, on_domain_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)

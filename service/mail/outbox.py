@@ -1,0 +1,171 @@
+"""The transactional outbox: enqueue in the caller's transaction, claim with a lease, finish."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.models import OutboxMessage, OutboxStatus, utcnow
+
+MAIL_TEMPLATES = ("confirmation", "welcome", "already_subscribed")
+
+
+async def enqueue(
+    session: AsyncSession,
+    template: str,
+    recipient: str,
+    subscriber_id: int | None,
+    payload: dict[str, Any],
+    now: datetime | None = None,
+) -> None:
+    """Queue one message; it commits (or not) with the caller's state change."""
+    now = now or utcnow()
+    await session.execute(
+        insert(OutboxMessage).values(
+            kind="email",
+            template=template,
+            recipient=recipient,
+            subscriber_id=subscriber_id,
+            payload=payload,
+            status=OutboxStatus.queued.value,
+            attempts=0,
+            next_attempt_at=now,
+            created_at=now,
+        )
+    )
+
+
+async def recent_mail(
+    session: AsyncSession, subscriber_id: int, templates: tuple[str, ...], since: datetime
+) -> tuple[int, datetime | None]:
+    """How many of these messages went to the subscriber since then, and the latest one."""
+    row = (
+        await session.execute(
+            select(func.count(), func.max(OutboxMessage.created_at)).where(
+                OutboxMessage.subscriber_id == subscriber_id,
+                OutboxMessage.created_at > since,
+                OutboxMessage.template.in_(templates),
+            )
+        )
+    ).one()
+    latest = row[1]
+    if isinstance(latest, str):  # SQLite's max() loses the column type
+        latest = datetime.fromisoformat(latest).replace(tzinfo=UTC)
+    return int(row[0]), latest
+
+
+@dataclass
+class ClaimedMessage:
+    id: int
+    template: str
+    recipient: str | None
+    payload: dict[str, Any] | None
+    attempts: int
+    created_at: datetime
+
+
+async def claim(
+    session: AsyncSession, owner: str, limit: int, lease: timedelta, now: datetime | None = None
+) -> list[ClaimedMessage]:
+    """Lease up to `limit` due messages to `owner`: queued ones, and expired leases of the dead."""
+    now = now or utcnow()
+    due = or_(
+        and_(
+            OutboxMessage.status == OutboxStatus.queued.value,
+            OutboxMessage.next_attempt_at <= now,
+        ),
+        and_(
+            OutboxMessage.status == OutboxStatus.sending.value,
+            OutboxMessage.leased_until < now,
+        ),
+    )
+    candidates = select(OutboxMessage.id).where(due).order_by(OutboxMessage.id).limit(limit)
+    if session.get_bind().dialect.name == "postgresql":
+        # Live workers skip each other's rows instead of queueing behind them.
+        candidates = candidates.with_for_update(skip_locked=True)
+    stmt = (
+        update(OutboxMessage)
+        .where(OutboxMessage.id.in_(candidates.scalar_subquery()))
+        .values(
+            status=OutboxStatus.sending.value,
+            leased_until=now + lease,
+            lease_owner=owner,
+            attempts=OutboxMessage.attempts + 1,
+        )
+        .returning(
+            OutboxMessage.id,
+            OutboxMessage.template,
+            OutboxMessage.recipient,
+            OutboxMessage.payload,
+            OutboxMessage.attempts,
+            OutboxMessage.created_at,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    rows = (await session.execute(stmt)).all()
+    return sorted((ClaimedMessage(*row) for row in rows), key=lambda m: m.id)
+
+
+async def mark_sent(
+    session: AsyncSession, owner: str, sent: list[tuple[int, str]], now: datetime | None = None
+) -> None:
+    """Record delivery and scrub the body (it holds a token); metadata stays."""
+    now = now or utcnow()
+    for message_id, header_id in sent:
+        await session.execute(
+            update(OutboxMessage)
+            .where(OutboxMessage.id == message_id, OutboxMessage.lease_owner == owner)
+            .values(
+                status=OutboxStatus.sent.value,
+                sent_at=now,
+                payload=None,
+                leased_until=None,
+                last_error=None,
+                message_id=header_id,
+            )
+            .execution_options(synchronize_session=False)
+        )
+
+
+def backoff(attempts: int, base: float, maximum: float) -> timedelta:
+    """Exponential backoff with full jitter, so retries of a failed batch spread out."""
+    ceiling = min(maximum, base * (2 ** max(0, attempts - 1)))
+    return timedelta(seconds=random.uniform(ceiling / 2, ceiling))  # noqa: S311
+
+
+async def mark_failed(
+    session: AsyncSession,
+    owner: str,
+    message_id: int,
+    error: str,
+    retry_in: timedelta | None,
+    now: datetime | None = None,
+) -> None:
+    """Put a message back in the queue for later, or mark it dead when retry_in is None."""
+    now = now or utcnow()
+    values: dict[str, Any] = {"last_error": error[:2000], "leased_until": None}
+    if retry_in is None:
+        values["status"] = OutboxStatus.dead.value
+    else:
+        values["status"] = OutboxStatus.queued.value
+        values["next_attempt_at"] = now + retry_in
+    await session.execute(
+        update(OutboxMessage)
+        .where(OutboxMessage.id == message_id, OutboxMessage.lease_owner == owner)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+
+
+async def status_counts(session: AsyncSession) -> dict[str, int]:
+    rows = await session.execute(
+        select(OutboxMessage.status, func.count()).group_by(OutboxMessage.status)
+    )
+    counts = {s.value: 0 for s in OutboxStatus}
+    counts.update({status: int(n) for status, n in rows.all()})
+    return counts

@@ -1,0 +1,108 @@
+"""Mail rendering: Jinja2 text + HTML templates into a multipart/alternative message."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.utils import format_datetime, formataddr
+from typing import Any
+from urllib.parse import quote
+
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+
+from service import tokens
+from service.config import Settings
+from service.models import Newsletter, utcnow
+
+
+@dataclass(frozen=True)
+class Links:
+    """Absolute URLs a reader may be sent, all built from BASE_URL."""
+
+    settings: Settings
+
+    def url(self, path: str) -> str:
+        return self.settings.base_url.rstrip("/") + path
+
+    def confirm(self, token: str) -> str:
+        return self.url(f"/confirm/{token}")
+
+    def manage(self, public_id: str) -> str:
+        return self.url(f"/manage/{tokens.manage_token(self.settings.secret_keys, public_id)}")
+
+    def unsubscribe(self, public_id: str, newsletter_slug: str | None = None) -> str:
+        token = tokens.manage_token(self.settings.secret_keys, public_id)
+        suffix = f"?newsletter={quote(newsletter_slug)}" if newsletter_slug else ""
+        return self.url(f"/unsubscribe/{token}{suffix}")
+
+    def unsubscribe_mailto(self, public_id: str) -> str:
+        token = tokens.manage_token(self.settings.secret_keys, public_id)
+        local, _, domain = self.settings.mail_from.rpartition("@")
+        return f"mailto:{local or 'newsletter'}+unsubscribe-{token}@{domain}?subject=unsubscribe"
+
+
+class MailRenderer:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.links = Links(settings)
+        self.text_env = Environment(
+            loader=FileSystemLoader(settings.templates_dir / "mail"),
+            autoescape=False,  # noqa: S701 - plain-text parts are not HTML
+            undefined=StrictUndefined,
+            keep_trailing_newline=True,
+        )
+        self.html_env = Environment(
+            loader=FileSystemLoader(settings.templates_dir / "mail"),
+            autoescape=select_autoescape(default=True),
+            undefined=StrictUndefined,
+        )
+
+    def render(
+        self,
+        template: str,
+        recipient: str,
+        newsletters: Sequence[Newsletter],
+        payload: dict[str, Any],
+        message_id: str,
+    ) -> EmailMessage:
+        """Build one message; every template gets the same, fully server-made context."""
+        first = newsletters[0]
+        public_id = str(payload["subscriber"])
+        single = first.slug if len(newsletters) == 1 else None
+        context: dict[str, Any] = {
+            "newsletters": newsletters,
+            "newsletter": first,
+            "sender_name": first.from_name or first.name,
+            "manage_url": self.links.manage(public_id),
+            "unsubscribe_url": self.links.unsubscribe(public_id, single),
+            "confirm_url": self.links.confirm(payload["token"]) if "token" in payload else None,
+            "base_url": self.settings.base_url,
+        }
+        message = EmailMessage()
+        message["Subject"] = (
+            self.text_env.get_template(f"{template}.subject.txt").render(context).strip()
+        )
+        message["From"] = formataddr(
+            (first.from_name or first.name, first.from_email or self.settings.mail_from)
+        )
+        message["To"] = recipient
+        if first.reply_to:
+            message["Reply-To"] = first.reply_to
+        message["Date"] = format_datetime(utcnow())
+        message["Message-ID"] = message_id
+        message["List-Id"] = f"{first.name} <{first.slug}.{self.settings.site_domain}>"
+        message["Auto-Submitted"] = "auto-generated"
+        if template != "confirmation":
+            https = self.links.unsubscribe(public_id, single)
+            message["List-Unsubscribe"] = f"<{https}>, <{self.links.unsubscribe_mailto(public_id)}>"
+            message["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+        message.set_content(self.text_env.get_template(f"{template}.txt").render(context))
+        message.add_alternative(
+            self.html_env.get_template(f"{template}.html").render(context), subtype="html"
+        )
+        return message
+
+    def message_id(self, outbox_id: int, created_at_ts: float) -> str:
+        # Stable across retries, so a receiver can drop a duplicate of an at-least-once send.
+        return f"<{outbox_id}.{int(created_at_ts)}@{self.settings.site_domain}>"
