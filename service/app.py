@@ -20,6 +20,7 @@ from service.db import Database
 from service.errors import install_error_handlers
 from service.mail.render import Links
 from service.mail.worker import DeliveryWorker
+from service.signup_batcher import SignupBatcher
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = (settings or load_settings()).with_secret_keys()
     db = Database(settings)
     worker = DeliveryWorker(db, settings) if settings.run_worker else None
+    signups = SignupBatcher(db, settings)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -46,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 # Let the batch in hand finish and be recorded; its lease covers a hard kill.
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait_for(task, timeout=settings.mail_timeout + 5)
+            await signups.stop()
             await db.dispose()
 
     app = FastAPI(
@@ -57,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.db = db
     app.state.worker = worker
+    app.state.signups = signups
     templates = Jinja2Templates(directory=settings.templates_dir / "pages")
     templates.env.globals["links"] = Links(settings)
     app.state.templates = templates

@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     db_pool_size: int = 10
     db_max_overflow: int = 10
     sqlite_pool_size: int = 1
+    signup_batching: bool = Field(
+        default=True, description="Group concurrent sign-ups into one transaction."
+    )
+    signup_batch_size: int = 64
+    signup_batch_consumers: int = 1
     db_echo: bool = False
 
     @field_validator("secret_keys", mode="before")

@@ -208,6 +208,7 @@ async def db(settings: Settings) -> AsyncIterator[Database]:
 async def app(settings: Settings, db: Database) -> AsyncIterator[FastAPI]:
     application = create_app(settings)
     yield application
+    await application.state.signups.stop()
     await application.state.db.dispose()
 
 

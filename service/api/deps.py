@@ -11,7 +11,8 @@ from service import keys
 from service.config import Settings
 from service.db import Database
 from service.models import ApiKey
-from service.subscriptions import Consent
+from service.signup import Consent
+from service.signup_batcher import SignupBatcher
 
 bearer = HTTPBearer(auto_error=False, description="An API key made by `newsletter keys create`.")
 
@@ -26,8 +27,14 @@ def get_settings(request: Request) -> Settings:
     return settings
 
 
+def get_signups(request: Request) -> SignupBatcher:
+    batcher: SignupBatcher = request.app.state.signups
+    return batcher
+
+
 DbDep = Annotated[Database, Depends(get_db)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+SignupsDep = Annotated[SignupBatcher, Depends(get_signups)]
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
 

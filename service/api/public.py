@@ -11,7 +11,7 @@ from service import subscriptions
 from service.addresses import check_deliverable
 from service.api import pages
 from service.api.bodies import read_fields, wants_html
-from service.api.deps import DbDep, SettingsDep, consent_from, wake_worker
+from service.api.deps import DbDep, SettingsDep, SignupsDep, consent_from, wake_worker
 from service.api.schemas import (
     SIGNUP_BODY,
     SIGNUP_RESPONSES,
@@ -23,8 +23,8 @@ from service.api.schemas import (
     SignupAccepted,
 )
 from service.errors import InvalidInput
+from service.signup import SignupResult
 from service.signup_input import parse_signup
-from service.subscriptions import SignupResult
 
 router = APIRouter(tags=["public"])
 
@@ -43,7 +43,9 @@ def _signup_answer(result: SignupResult) -> dict[str, str]:
     openapi_extra=SIGNUP_BODY,
     summary="Sign up to one or more newsletters",
 )
-async def create_subscription(request: Request, db: DbDep, settings: SettingsDep) -> Response:
+async def create_subscription(
+    request: Request, db: DbDep, settings: SettingsDep, signups: SignupsDep
+) -> Response:
     """Answers the same for a new, pending, active or unsubscribed address."""
     html = wants_html(request)
     fields: dict[str, Any] = {}
@@ -55,8 +57,7 @@ async def create_subscription(request: Request, db: DbDep, settings: SettingsDep
             if problem is not None:
                 raise InvalidInput([problem])
         consent = consent_from(request, "form" if html else "api")
-        async with db.transaction() as session:
-            result = await subscriptions.subscribe(session, settings, data, consent)
+        result = await signups.submit(data, consent)
     except InvalidInput as exc:
         if html:
             return await pages.signup_form_again(request, db, fields, exc)

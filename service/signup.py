@@ -1,0 +1,394 @@
+"""Sign-up: the hot path, written for many sign-ups per transaction.
+
+`subscribe_many` applies a batch of validated sign-ups with a handful of Core statements
+(one multi-row statement per table, whatever the batch size), so concurrent requests can share
+one transaction and one commit. `subscribe` is the same for one sign-up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service import tokens
+from service.config import Settings
+from service.errors import FieldError, InvalidInput
+from service.models import (
+    Confirmation,
+    Event,
+    Newsletter,
+    OptIn,
+    OutboxMessage,
+    OutboxStatus,
+    Status,
+    Subscriber,
+    Subscription,
+    utcnow,
+)
+from service.signup_input import SignupInput
+
+CAPPED_TEMPLATES = ("confirmation", "already_subscribed")
+
+
+@dataclass(frozen=True)
+class Consent:
+    """Where a sign-up came from: kept with each subscription it touches."""
+
+    source: str
+    ip: str | None = None
+    user_agent: str | None = None
+    page: str | None = None
+
+    def columns(self, now: datetime) -> dict[str, Any]:
+        return {
+            "consent_source": self.source,
+            "consent_ip": self.ip,
+            "consent_user_agent": (self.user_agent or "")[:500] or None,
+            "consent_page": (self.page or "")[:2000] or None,
+            "consent_at": now,
+        }
+
+
+@dataclass
+class SignupResult:
+    all_single_opt_in: bool
+    newsletters: list[Newsletter]
+    mail_queued: str | None = None  # which template, if any
+
+    @property
+    def status(self) -> str:
+        return Status.active.value if self.all_single_opt_in else Status.pending.value
+
+    @property
+    def redirect_url(self) -> str | None:
+        return self.newsletters[0].redirect_after_signup if self.newsletters else None
+
+
+@dataclass
+class _Work:
+    """One sign-up being applied, with what the batch learns about it."""
+
+    data: SignupInput
+    consent: Consent
+    newsletters: list[Newsletter]
+    result: SignupResult
+    subscriber_id: int = 0
+    public_id: str = ""
+    created: bool = False
+    pending: list[Newsletter] = field(default_factory=list)
+    activated: list[Newsletter] = field(default_factory=list)
+
+
+def dialect_insert(session: AsyncSession) -> Any:
+    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+
+
+def event_row(
+    type_: str,
+    subscriber_id: int | None,
+    newsletter_id: int | None,
+    consent: Consent,
+    now: datetime,
+    **data: Any,
+) -> dict[str, Any]:
+    return {
+        "type": type_,
+        "subscriber_id": subscriber_id,
+        "newsletter_id": newsletter_id,
+        "actor": consent.source,
+        "ip": consent.ip,
+        "data": data,
+        "created_at": now,
+    }
+
+
+def mail_payload(subscriber_public_id: str, newsletters: Sequence[Newsletter]) -> dict[str, Any]:
+    return {"subscriber": subscriber_public_id, "newsletters": [n.id for n in newsletters]}
+
+
+def outbox_row(
+    template: str, recipient: str, subscriber_id: int, payload: dict[str, Any], now: datetime
+) -> dict[str, Any]:
+    return {
+        "kind": "email",
+        "template": template,
+        "recipient": recipient,
+        "subscriber_id": subscriber_id,
+        "payload": payload,
+        "status": OutboxStatus.queued.value,
+        "attempts": 0,
+        "next_attempt_at": now,
+        "created_at": now,
+    }
+
+
+def _ttl(settings: Settings, newsletters: Sequence[Newsletter]) -> timedelta:
+    ttls = [
+        timedelta(seconds=n.confirmation_ttl_seconds)
+        for n in newsletters
+        if n.confirmation_ttl_seconds
+    ]
+    return min(ttls) if ttls else settings.confirmation_ttl
+
+
+async def subscribe(
+    session: AsyncSession,
+    settings: Settings,
+    data: SignupInput,
+    consent: Consent,
+    now: datetime | None = None,
+) -> SignupResult:
+    """Sign one person up; raise InvalidInput for an unknown or archived newsletter."""
+    [outcome] = await subscribe_many(session, settings, [(data, consent)], now)
+    if isinstance(outcome, InvalidInput):
+        raise outcome
+    return outcome
+
+
+async def subscribe_many(
+    session: AsyncSession,
+    settings: Settings,
+    requests: Sequence[tuple[SignupInput, Consent]],
+    now: datetime | None = None,
+) -> list[SignupResult | InvalidInput]:
+    """Apply sign-ups in the caller's transaction; one outcome per request, in order.
+
+    Double opt-in newsletters become pending and one confirmation mail covers them; single
+    opt-in ones become active at once (an active subscription stays active); someone with
+    nothing new to confirm gets an "already subscribed" mail. Mail per address is capped.
+    A filled honeypot is answered like a success and changes nothing.
+    """
+    now = now or utcnow()
+    slugs = {slug for data, _ in requests for slug in data.newsletters}
+    rows = await session.scalars(
+        select(Newsletter).where(Newsletter.slug.in_(slugs), Newsletter.archived_at.is_(None))
+    )
+    found = {n.slug: n for n in rows}
+
+    outcomes: list[SignupResult | InvalidInput] = []
+    rounds: list[dict[str, _Work]] = []
+    for data, consent in requests:
+        unknown = [slug for slug in data.newsletters if slug not in found]
+        if unknown:
+            message = "Unknown newsletter: " + ", ".join(u[:64] for u in unknown[:5])
+            outcomes.append(
+                InvalidInput([FieldError("newsletters", "unknown_newsletter", message)])
+            )
+            continue
+        newsletters = [found[slug] for slug in data.newsletters]
+        result = SignupResult(
+            all_single_opt_in=all(n.opt_in == OptIn.single.value for n in newsletters),
+            newsletters=newsletters,
+        )
+        outcomes.append(result)
+        if data.honeypot:
+            continue
+        # The same address twice in one batch is applied in order, one round each.
+        work = _Work(data, consent, newsletters, result)
+        target = next((r for r in rounds if data.address.key not in r), None)
+        if target is None:
+            target = {}
+            rounds.append(target)
+        target[data.address.key] = work
+    for batch in rounds:
+        await _apply(session, settings, list(batch.values()), now)
+    return outcomes
+
+
+async def _apply(
+    session: AsyncSession, settings: Settings, batch: list[_Work], now: datetime
+) -> None:
+    await _upsert_subscribers(session, batch, now)
+    existing = await _existing_subscriptions(session, [w for w in batch if not w.created])
+
+    new_rows: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []
+    for work in batch:
+        for newsletter in work.newsletters:
+            current = existing.get((work.subscriber_id, newsletter.id))
+            if current is not None and current[1] == Status.active.value:
+                continue
+            single = newsletter.opt_in == OptIn.single.value
+            target = Status.active if single else Status.pending
+            (work.activated if single else work.pending).append(newsletter)
+            events.append(
+                event_row(
+                    "subscription.confirmed" if single else "subscription.pending",
+                    work.subscriber_id,
+                    newsletter.id,
+                    work.consent,
+                    now,
+                    **({"opt_in": "single"} if single else {}),
+                )
+            )
+            if current is None:
+                new_rows.append(
+                    {
+                        "subscriber_id": work.subscriber_id,
+                        "newsletter_id": newsletter.id,
+                        "status": target.value,
+                        "created_at": now,
+                        "updated_at": now,
+                        "pending_at": None if single else now,
+                        "confirmed_at": now if single else None,
+                        **work.consent.columns(now),
+                    }
+                )
+            else:
+                stamp = "confirmed_at" if single else "pending_at"
+                await session.execute(
+                    update(Subscription)
+                    .where(Subscription.id == current[0])
+                    .values(
+                        status=target.value,
+                        updated_at=now,
+                        **{stamp: now},
+                        **work.consent.columns(now),
+                    )
+                    .execution_options(synchronize_session=False)
+                )
+    if new_rows:
+        await session.execute(insert(Subscription), new_rows)
+    if events:
+        await session.execute(insert(Event), events)
+    await _queue_mail(session, settings, batch, now)
+
+
+async def _upsert_subscribers(session: AsyncSession, batch: list[_Work], now: datetime) -> None:
+    """Create the new subscribers, find the known ones. Name, language and attributes are
+    only set on creation: an unauthenticated form must not rewrite what a reader gave."""
+    by_key = {w.data.address.key: w for w in batch}
+    stmt = (
+        dialect_insert(session)(Subscriber)
+        .values(
+            [
+                {
+                    "public_id": tokens.new_public_id(),
+                    "email": w.data.address.email,
+                    "email_key": w.data.address.key,
+                    "name": w.data.name,
+                    "language": w.data.language,
+                    "attributes": w.data.attributes,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for w in batch
+            ]
+        )
+        .on_conflict_do_nothing(index_elements=["email_key"])
+        .returning(Subscriber.id, Subscriber.public_id, Subscriber.email_key)
+    )
+    for subscriber_id, public_id, key in (await session.execute(stmt)).all():
+        work = by_key[key]
+        work.subscriber_id, work.public_id, work.created = subscriber_id, public_id, True
+    known = [key for key, w in by_key.items() if not w.created]
+    if known:
+        rows = await session.execute(
+            select(Subscriber.id, Subscriber.public_id, Subscriber.email_key).where(
+                Subscriber.email_key.in_(known)
+            )
+        )
+        for subscriber_id, public_id, key in rows.all():
+            by_key[key].subscriber_id, by_key[key].public_id = subscriber_id, public_id
+
+
+async def _existing_subscriptions(
+    session: AsyncSession, known: list[_Work]
+) -> dict[tuple[int, int], tuple[int, str]]:
+    if not known:
+        return {}
+    rows = await session.execute(
+        select(
+            Subscription.subscriber_id,
+            Subscription.newsletter_id,
+            Subscription.id,
+            Subscription.status,
+        ).where(Subscription.subscriber_id.in_([w.subscriber_id for w in known]))
+    )
+    return {(sub, nl): (sid, status) for sub, nl, sid, status in rows.all()}
+
+
+async def _under_cap(
+    session: AsyncSession, settings: Settings, subscriber_ids: list[int], now: datetime
+) -> set[int]:
+    """Which of these known subscribers may be sent another confirmation-type mail now."""
+    if not subscriber_ids:
+        return set()
+    rows = await session.execute(
+        select(OutboxMessage.subscriber_id, func.count(), func.max(OutboxMessage.created_at))
+        .where(
+            OutboxMessage.subscriber_id.in_(subscriber_ids),
+            OutboxMessage.created_at > now - timedelta(days=1),
+            OutboxMessage.template.in_(CAPPED_TEMPLATES),
+        )
+        .group_by(OutboxMessage.subscriber_id)
+    )
+    capped = {
+        sub
+        for sub, count, latest in rows.all()
+        if count >= settings.confirmation_mail_daily_cap
+        or (latest is not None and now - _aware(latest) < settings.confirmation_mail_interval)
+    }
+    return set(subscriber_ids) - capped
+
+
+def _aware(value: datetime | str) -> datetime:
+    # SQLite's max() can hand back text; the column type is lost in the aggregate.
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value if value.tzinfo else value.replace(tzinfo=utcnow().tzinfo)
+
+
+async def _queue_mail(
+    session: AsyncSession, settings: Settings, batch: list[_Work], now: datetime
+) -> None:
+    # Someone with nothing new to confirm hears "already subscribed" instead; both kinds of
+    # mail share the per-address cap, so the form cannot be used to bomb an inbox.
+    wanting = [w for w in batch if w.pending or not w.activated]
+    allowed = await _under_cap(
+        session, settings, [w.subscriber_id for w in wanting if not w.created], now
+    )
+    mails: list[dict[str, Any]] = []
+    confirmations: list[dict[str, Any]] = []
+    for work in batch:
+        email = work.data.address.email
+        if work.activated:
+            work.result.mail_queued = "welcome"
+            mails.append(
+                outbox_row(
+                    "welcome",
+                    email,
+                    work.subscriber_id,
+                    mail_payload(work.public_id, work.activated),
+                    now,
+                )
+            )
+        if work not in wanting or not (work.created or work.subscriber_id in allowed):
+            continue
+        if work.pending:
+            token, token_hash = tokens.new_confirmation_token()
+            confirmations.append(
+                {
+                    "token_hash": token_hash,
+                    "subscriber_id": work.subscriber_id,
+                    "newsletter_ids": [n.id for n in work.pending],
+                    "created_at": now,
+                    "expires_at": now + _ttl(settings, work.pending),
+                }
+            )
+            payload = mail_payload(work.public_id, work.pending) | {"token": token}
+            work.result.mail_queued = "confirmation"
+        else:
+            payload = mail_payload(work.public_id, work.newsletters)
+            work.result.mail_queued = "already_subscribed"
+        mails.append(outbox_row(work.result.mail_queued, email, work.subscriber_id, payload, now))
+    if confirmations:
+        await session.execute(insert(Confirmation), confirmations)
+    if mails:
+        await session.execute(insert(OutboxMessage), mails)

@@ -1,0 +1,116 @@
+"""Group commit for sign-ups: concurrent requests share one transaction.
+
+Each request is answered only after the transaction holding its rows has committed. If a
+batch fails as a whole (a race on a unique key with another process, a dropped connection),
+every request in it is retried alone, so one bad apple never fails its neighbours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+
+from service.config import Settings
+from service.db import Database
+from service.errors import InvalidInput
+from service.signup import Consent, SignupResult, subscribe, subscribe_many
+from service.signup_input import SignupInput
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = (IntegrityError, OperationalError, DBAPIError)
+
+
+@dataclass
+class _Pending:
+    data: SignupInput
+    consent: Consent
+    future: asyncio.Future[SignupResult] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class SignupBatcher:
+    def __init__(self, db: Database, settings: Settings) -> None:
+        self.db = db
+        self.settings = settings
+        self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def submit(self, data: SignupInput, consent: Consent) -> SignupResult:
+        """Queue one sign-up and wait until its transaction has committed."""
+        if not self.settings.signup_batching:
+            async with self.db.transaction() as session:
+                return await subscribe(session, self.settings, data, consent)
+        if not self.tasks:
+            self.tasks = [
+                asyncio.create_task(self._consume())
+                for _ in range(max(1, self.settings.signup_batch_consumers))
+            ]
+        item = _Pending(data, consent)
+        await self.queue.put(item)
+        return await item.future
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.tasks = []
+
+    async def _consume(self) -> None:
+        while True:
+            batch = [await self.queue.get()]
+            while len(batch) < self.settings.signup_batch_size and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            await self._process(batch)
+
+    async def _process(self, batch: list[_Pending]) -> None:
+        try:
+            async with self.db.transaction() as session:
+                outcomes = await subscribe_many(
+                    session, self.settings, [(p.data, p.consent) for p in batch]
+                )
+        except RETRYABLE:
+            log.warning("sign-up batch of %d failed; retrying one by one", len(batch))
+            for item in batch:
+                await self._process_alone(item)
+            return
+        except Exception as exc:
+            for item in batch:
+                _settle(item, exc)
+            return
+        for item, outcome in zip(batch, outcomes, strict=True):
+            _settle(item, outcome)
+
+    async def _process_alone(self, item: _Pending) -> None:
+        outcome: SignupResult | InvalidInput | Exception
+        for attempt in range(2):  # a second try survives one dropped connection
+            try:
+                async with self.db.transaction() as session:
+                    [outcome] = await subscribe_many(
+                        session, self.settings, [(item.data, item.consent)]
+                    )
+                break
+            except RETRYABLE as exc:
+                outcome = exc
+                if attempt == 0:
+                    continue
+            except Exception as exc:
+                outcome = exc
+                break
+        _settle(item, outcome)
+
+
+def _settle(item: _Pending, outcome: SignupResult | Exception) -> None:
+    if item.future.done():  # the client went away and the request was cancelled
+        return
+    if isinstance(outcome, Exception):
+        item.future.set_exception(outcome)
+    else:
+        item.future.set_result(outcome)
