@@ -37,6 +37,8 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=10000")
+    # Keys are stored lower-cased; a case-sensitive LIKE lets prefix search use their index.
+    cursor.execute("PRAGMA case_sensitive_like=ON")
     cursor.close()
     # Transactions are begun by hand below; the driver must not begin its own.
     dbapi_connection.isolation_level = None

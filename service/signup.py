@@ -16,12 +16,11 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service import tokens
+from service import events, suppression, tokens
 from service.config import Settings
 from service.errors import FieldError, InvalidInput
 from service.models import (
     Confirmation,
-    Event,
     Newsletter,
     OptIn,
     OutboxMessage,
@@ -89,7 +88,7 @@ def dialect_insert(session: AsyncSession) -> Any:
     return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
 
 
-def event_row(
+def consent_event(
     type_: str,
     subscriber_id: int | None,
     newsletter_id: int | None,
@@ -97,15 +96,9 @@ def event_row(
     now: datetime,
     **data: Any,
 ) -> dict[str, Any]:
-    return {
-        "type": type_,
-        "subscriber_id": subscriber_id,
-        "newsletter_id": newsletter_id,
-        "actor": consent.source,
-        "ip": consent.ip,
-        "data": data,
-        "created_at": now,
-    }
+    return events.event_row(
+        type_, subscriber_id, newsletter_id, consent.source, consent.ip, now, **data
+    )
 
 
 def mail_payload(subscriber_public_id: str, newsletters: Sequence[Newsletter]) -> dict[str, Any]:
@@ -172,6 +165,7 @@ async def subscribe_many(
     found = {n.slug: n for n in rows}
 
     outcomes: list[SignupResult | InvalidInput] = []
+    accepted: list[_Work] = []
     rounds: list[dict[str, _Work]] = []
     for data, consent in requests:
         unknown = [slug for slug in data.newsletters if slug not in found]
@@ -187,15 +181,19 @@ async def subscribe_many(
             newsletters=newsletters,
         )
         outcomes.append(result)
-        if data.honeypot:
+        if not data.honeypot:
+            accepted.append(_Work(data, consent, newsletters, result))
+    # A blocked address or domain is answered like everyone else and changes nothing.
+    refused = await suppression.blocked(session, {w.data.address.key for w in accepted})
+    for work in accepted:
+        if work.data.address.key in refused:
             continue
         # The same address twice in one batch is applied in order, one round each.
-        work = _Work(data, consent, newsletters, result)
-        target = next((r for r in rounds if data.address.key not in r), None)
+        target = next((r for r in rounds if work.data.address.key not in r), None)
         if target is None:
             target = {}
             rounds.append(target)
-        target[data.address.key] = work
+        target[work.data.address.key] = work
     for batch in rounds:
         await _apply(session, settings, list(batch.values()), now)
     return outcomes
@@ -208,7 +206,7 @@ async def _apply(
     existing = await _existing_subscriptions(session, [w for w in batch if not w.created])
 
     new_rows: list[dict[str, Any]] = []
-    events: list[dict[str, Any]] = []
+    new_events: list[dict[str, Any]] = []
     for work in batch:
         for newsletter in work.newsletters:
             current = existing.get((work.subscriber_id, newsletter.id))
@@ -217,8 +215,8 @@ async def _apply(
             single = newsletter.opt_in == OptIn.single.value
             target = Status.active if single else Status.pending
             (work.activated if single else work.pending).append(newsletter)
-            events.append(
-                event_row(
+            new_events.append(
+                consent_event(
                     "subscription.confirmed" if single else "subscription.pending",
                     work.subscriber_id,
                     newsletter.id,
@@ -255,8 +253,7 @@ async def _apply(
                 )
     if new_rows:
         await session.execute(insert(Subscription), new_rows)
-    if events:
-        await session.execute(insert(Event), events)
+    await events.record(session, new_events)
     await _queue_mail(session, settings, batch, now)
 
 

@@ -13,21 +13,20 @@ from datetime import datetime
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service import tokens
+from service import events, suppression, tokens
 from service.addresses import Address
 from service.config import Settings
 from service.errors import ConfirmationExpired, NotFound, TokenNotFound
 from service.mail import outbox
 from service.models import (
     Confirmation,
-    Event,
     Newsletter,
     Status,
     Subscriber,
     Subscription,
     utcnow,
 )
-from service.signup import Consent, SignupResult, event_row, mail_payload, subscribe
+from service.signup import Consent, SignupResult, consent_event, mail_payload, subscribe
 from service.signup_input import SignupInput
 
 
@@ -134,14 +133,16 @@ async def confirm(
     activated_ids = set(rows.scalars().all())
     activated = [n for n in newsletters if n.id in activated_ids]
     if activated:
-        await session.execute(
-            insert(Event),
+        await events.record(
+            session,
             [
-                event_row("subscription.confirmed", found.subscriber_id, n.id, consent, now)
+                consent_event("subscription.confirmed", found.subscriber_id, n.id, consent, now)
                 for n in activated
             ],
         )
         subscriber = await session.get_one(Subscriber, found.subscriber_id)
+        # Confirming by double opt-in is fresh consent: an earlier erasure no longer binds.
+        await suppression.lift(session, subscriber.email_key)
         await outbox.enqueue(
             session,
             "welcome",
@@ -236,11 +237,10 @@ async def unsubscribe(
         .execution_options(synchronize_session=False)
     )
     ids = list(rows.scalars().all())
-    if ids:
-        await session.execute(
-            insert(Event),
-            [event_row("subscription.unsubscribed", subscriber.id, i, consent, now) for i in ids],
-        )
+    await events.record(
+        session,
+        [consent_event("subscription.unsubscribed", subscriber.id, i, consent, now) for i in ids],
+    )
     return await _newsletters_by_id(session, ids)
 
 
@@ -288,8 +288,7 @@ async def _activate(
             .values(**values, **consent.columns(now))
             .execution_options(synchronize_session=False)
         )
-    await session.execute(
-        insert(Event).values(
-            **event_row("subscription.confirmed", subscriber_id, item.newsletter.id, consent, now)
-        )
+    await events.record(
+        session,
+        [consent_event("subscription.confirmed", subscriber_id, item.newsletter.id, consent, now)],
     )

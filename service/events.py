@@ -1,0 +1,74 @@
+"""The event log: every state change, the audit trail, and the source of webhook calls."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import insert, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.models import Event, OutboxMessage, OutboxStatus, Webhook, utcnow
+
+EVENT_TYPES = (
+    "subscription.pending",
+    "subscription.confirmed",
+    "subscription.unsubscribed",
+    "subscription.bounced",
+    "subscriber.erased",
+)
+
+
+def event_row(
+    type_: str,
+    subscriber_id: int | None,
+    newsletter_id: int | None,
+    actor: str,
+    ip: str | None,
+    now: datetime,
+    **data: Any,
+) -> dict[str, Any]:
+    return {
+        "type": type_,
+        "subscriber_id": subscriber_id,
+        "newsletter_id": newsletter_id,
+        "actor": actor,
+        "ip": ip,
+        "data": data,
+        "created_at": now,
+    }
+
+
+async def record(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
+    """Append events and, in the same transaction, queue a call to every webhook that wants
+    one of them (the transactional outbox covers webhooks as it covers mail)."""
+    if not rows:
+        return
+    hooks = (
+        await session.execute(select(Webhook.id, Webhook.event_types).where(Webhook.active))
+    ).all()
+    wanted = [(hook_id, set(types)) for hook_id, types in hooks]
+    if not any(row["type"] in types for row in rows for _, types in wanted):
+        await session.execute(insert(Event), rows)
+        return
+    result = await session.execute(
+        insert(Event).returning(Event.id, Event.type, sort_by_parameter_order=True), rows
+    )
+    now = utcnow()
+    calls = [
+        {
+            "kind": "webhook",
+            "template": "webhook",
+            "recipient": None,
+            "subscriber_id": None,
+            "payload": {"webhook_id": hook_id, "event_id": event_id},
+            "status": OutboxStatus.queued.value,
+            "attempts": 0,
+            "next_attempt_at": now,
+            "created_at": now,
+        }
+        for event_id, event_type in result.all()
+        for hook_id, types in wanted
+        if event_type in types
+    ]
+    await session.execute(insert(OutboxMessage), calls)

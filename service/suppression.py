@@ -1,0 +1,76 @@
+"""Suppressions (hashed addresses that may not be imported or added) and the blocklist."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from datetime import datetime
+
+from sqlalchemy import delete, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.models import BlockedEntry, Suppression, utcnow
+
+
+def address_hash(email_key: str) -> str:
+    """The only trace an erased address leaves: SHA-256 of its lower-cased normal form."""
+    return hashlib.sha256(email_key.encode()).hexdigest()
+
+
+def _domains(email_key: str) -> list[str]:
+    """example.com for a@example.com, and every parent of a subdomain (mail.example.com)."""
+    domain = email_key.rpartition("@")[2]
+    labels = domain.split(".")
+    return [".".join(labels[i:]) for i in range(len(labels) - 1)] or [domain]
+
+
+async def suppress(
+    session: AsyncSession, email_key: str, reason: str, now: datetime | None = None
+) -> None:
+    """Record a suppression; repeating it keeps the first reason."""
+    digest = address_hash(email_key)
+    if await session.scalar(select(Suppression.id).where(Suppression.email_hash == digest)):
+        return
+    session.add(Suppression(email_hash=digest, reason=reason, created_at=now or utcnow()))
+    await session.flush()
+
+
+async def lift(session: AsyncSession, email_key: str) -> None:
+    """Forget a suppression: the person re-consented through double opt-in."""
+    await session.execute(
+        delete(Suppression).where(Suppression.email_hash == address_hash(email_key))
+    )
+
+
+async def suppressed(session: AsyncSession, email_keys: Iterable[str]) -> set[str]:
+    """Which of these addresses are suppressed."""
+    by_hash = {address_hash(k): k for k in email_keys}
+    if not by_hash:
+        return set()
+    rows = await session.scalars(
+        select(Suppression.email_hash).where(Suppression.email_hash.in_(by_hash))
+    )
+    return {by_hash[h] for h in rows}
+
+
+async def blocked(session: AsyncSession, email_keys: Iterable[str]) -> set[str]:
+    """Which of these addresses the blocklist refuses, by address or by (parent) domain."""
+    keys = list(email_keys)
+    if not keys:
+        return set()
+    domains = {d for k in keys for d in _domains(k)}
+    rows = (
+        await session.execute(
+            select(BlockedEntry.kind, BlockedEntry.value).where(
+                or_(
+                    (BlockedEntry.kind == "address") & BlockedEntry.value.in_(keys),
+                    (BlockedEntry.kind == "domain") & BlockedEntry.value.in_(domains),
+                )
+            )
+        )
+    ).all()
+    if not rows:
+        return set()
+    addresses = {v for kind, v in rows if kind == "address"}
+    bad_domains = {v for kind, v in rows if kind == "domain"}
+    return {k for k in keys if k in addresses or any(d in bad_domains for d in _domains(k))}
