@@ -166,7 +166,7 @@ def newsletters_list() -> None:
         db = Database(settings)
         try:
             async with db.transaction() as session:
-                found = await newsletters.list_with_counts(session)
+                found = await newsletters.list_with_counts(session, limit=100_000)
         finally:
             await db.dispose()
         typer.echo(f"{'slug':<24} {'opt-in':<7} {'active':>8} {'pending':>8}  name")

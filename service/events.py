@@ -8,7 +8,15 @@ from typing import Any
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.models import Event, OutboxMessage, OutboxStatus, Webhook, utcnow
+from service.models import (
+    Event,
+    Newsletter,
+    OutboxMessage,
+    OutboxStatus,
+    Subscriber,
+    Webhook,
+    utcnow,
+)
 
 EVENT_TYPES = (
     "subscription.pending",
@@ -72,3 +80,21 @@ async def record(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
         if event_type in types
     ]
     await session.execute(insert(OutboxMessage), calls)
+
+
+async def feed(
+    session: AsyncSession, after_id: int | None, event_type: str | None, limit: int
+) -> list[tuple[Event, str | None, str | None]]:
+    """Events in id order after the cursor, with the subscriber's public id and the slug."""
+    query = (
+        select(Event, Subscriber.public_id, Newsletter.slug)
+        .outerjoin(Subscriber, Subscriber.id == Event.subscriber_id)
+        .outerjoin(Newsletter, Newsletter.id == Event.newsletter_id)
+        .order_by(Event.id)
+        .limit(limit)
+    )
+    if after_id is not None:
+        query = query.where(Event.id > after_id)
+    if event_type:
+        query = query.where(Event.type == event_type)
+    return [(e, p, s) for e, p, s in (await session.execute(query)).all()]

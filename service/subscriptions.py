@@ -16,7 +16,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from service import events, suppression, tokens
 from service.addresses import Address
 from service.config import Settings
-from service.errors import ConfirmationExpired, NotFound, TokenNotFound
+from service.errors import (
+    ConfirmationExpired,
+    FieldError,
+    InvalidInput,
+    NotFound,
+    TokenNotFound,
+)
 from service.mail import outbox
 from service.models import (
     Confirmation,
@@ -66,6 +72,19 @@ async def public_newsletters(session: AsyncSession) -> list[Newsletter]:
         select(Newsletter).where(Newsletter.archived_at.is_(None)).order_by(Newsletter.id)
     )
     return list(rows)
+
+
+async def newsletters_by_slug(session: AsyncSession, slugs: Sequence[str]) -> list[Newsletter]:
+    """Public (not archived) newsletters by slug; an unknown one is a field error."""
+    rows = await session.scalars(
+        select(Newsletter).where(Newsletter.slug.in_(slugs), Newsletter.archived_at.is_(None))
+    )
+    found = {n.slug: n for n in rows}
+    unknown = [s for s in slugs if s not in found]
+    if unknown:
+        message = "Unknown newsletter: " + ", ".join(u[:64] for u in unknown[:5])
+        raise InvalidInput([FieldError("newsletters", "unknown_newsletter", message)])
+    return [found[s] for s in slugs]
 
 
 async def _confirmation(session: AsyncSession, token: str) -> Confirmation:

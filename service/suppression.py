@@ -9,6 +9,8 @@ from datetime import datetime
 from sqlalchemy import delete, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.addresses import normalise
+from service.errors import Conflict, FieldError, InvalidInput, NotFound
 from service.models import BlockedEntry, Suppression, utcnow
 
 
@@ -74,3 +76,49 @@ async def blocked(session: AsyncSession, email_keys: Iterable[str]) -> set[str]:
     addresses = {v for kind, v in rows if kind == "address"}
     bad_domains = {v for kind, v in rows if kind == "domain"}
     return {k for k in keys if k in addresses or any(d in bad_domains for d in _domains(k))}
+
+
+async def add_block(session: AsyncSession, kind: str, value: str, note: str = "") -> BlockedEntry:
+    """Block an address (normalised) or a domain (and with it its subdomains)."""
+    if kind == "address":
+        checked = normalise(value)
+        if isinstance(checked, FieldError):
+            raise InvalidInput([FieldError("value", checked.code, checked.message, checked.detail)])
+        value = checked.key
+    elif kind == "domain":
+        value = value.strip().lower().rstrip(".")
+        labels = value.split(".")
+        if (
+            len(value) > 253
+            or len(labels) < 2
+            or not all(
+                label and len(label) <= 63 and label.replace("-", "").isalnum() for label in labels
+            )
+        ):
+            raise InvalidInput([FieldError("value", "invalid", "Not a domain name.")])
+    else:
+        raise InvalidInput([FieldError("kind", "invalid", "kind is address or domain.")])
+    exists = await session.scalar(
+        select(BlockedEntry.id).where(BlockedEntry.kind == kind, BlockedEntry.value == value)
+    )
+    if exists is not None:
+        raise Conflict("Already blocked.")
+    entry = BlockedEntry(kind=kind, value=value, note=note[:500], created_at=utcnow())
+    session.add(entry)
+    await session.flush()
+    return entry
+
+
+async def list_blocks(
+    session: AsyncSession, after_id: int | None, limit: int
+) -> list[BlockedEntry]:
+    query = select(BlockedEntry).order_by(BlockedEntry.id).limit(limit)
+    if after_id is not None:
+        query = query.where(BlockedEntry.id > after_id)
+    return list(await session.scalars(query))
+
+
+async def delete_block(session: AsyncSession, entry_id: int) -> None:
+    if await session.get(BlockedEntry, entry_id) is None:
+        raise NotFound("No such blocklist entry.")
+    await session.execute(delete(BlockedEntry).where(BlockedEntry.id == entry_id))

@@ -1,142 +1,156 @@
-"""The admin API (ops): every route needs a key; writes need an admin-scope key."""
+"""Admin API, newsletters: every route needs a key; writes need an admin-scope key."""
 
 from __future__ import annotations
 
-import base64
-import binascii
-from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, Field
 
 from service import newsletters as newsletter_service
-from service import subscribers as subscriber_service
-from service.api.deps import DbDep, ReadKey
-from service.api.schemas import problem_response
-from service.errors import FieldError, InvalidInput
-from service.models import Status
+from service.api.admin_common import (
+    AUTH_RESPONSES,
+    CONFLICT,
+    INVALID,
+    NOT_FOUND,
+    actor,
+    decode_cursor,
+    encode_cursor,
+    next_cursor,
+)
+from service.api.admin_schemas import (
+    AdminNewsletter,
+    DayOut,
+    NewsletterCreate,
+    NewsletterFields,
+    NewsletterPage,
+    StatsOut,
+)
+from service.api.deps import AdminKey, DbDep, ReadKey
+from service.models import Newsletter, Status
 
-AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: problem_response(
-        "No valid API key",
-        {"type": "about:blank#unauthorized", "title": "A valid API key is required", "status": 401},
-    ),
-    403: problem_response(
-        "Read-only key",
-        {"type": "about:blank#forbidden", "title": "This API key may not do that", "status": 403},
-    ),
-}
+__all__ = ["decode_cursor", "encode_cursor", "router"]
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=AUTH_RESPONSES)
-
-
-class AdminNewsletter(BaseModel):
-    slug: str = Field(examples=["weekly"])
-    name: str = Field(examples=["The Weekly"])
-    description: str = Field(examples=["One email every Friday."])
-    opt_in: str = Field(examples=["double"])
-    from_name: str = Field(examples=["The Weekly team"])
-    from_email: str | None = Field(examples=["weekly@example.com"])
-    language: str = Field(examples=["en"])
-    created_at: datetime
-    archived_at: datetime | None = None
-    counts: dict[str, int] = Field(examples=[{"pending": 3, "active": 120, "unsubscribed": 4}])
+router = APIRouter(prefix="/v1/admin", tags=["admin: newsletters"], responses=AUTH_RESPONSES)
+Slug = Annotated[str, "newsletter slug"]
 
 
-class NewsletterPage(BaseModel):
-    items: list[AdminNewsletter]
-    next_cursor: str | None = None
-
-
-class SubscriptionState(BaseModel):
-    newsletter: str = Field(examples=["weekly"])
-    status: str = Field(examples=["active"])
-
-
-class SubscriberItem(BaseModel):
-    id: str = Field(examples=["3f2b0c8e9d4a4b6f8a1e2d3c4b5a6978"])
-    email: str = Field(examples=["reader@example.com"])
-    name: str | None = Field(examples=["Ada"])
-    created_at: datetime
-    subscriptions: list[SubscriptionState]
-
-
-class SubscriberPage(BaseModel):
-    items: list[SubscriberItem]
-    next_cursor: str | None = Field(default=None, examples=["MTI"])
-
-
-def encode_cursor(last_id: int) -> str:
-    return base64.urlsafe_b64encode(str(last_id).encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str | None) -> int | None:
-    if not cursor:
-        return None
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if raw.isdigit() and len(raw) < 20:
-            return int(raw)
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        pass
-    raise InvalidInput([FieldError("cursor", "invalid_cursor", "This cursor is not valid.")])
-
-
-@router.get("/newsletters", response_model=NewsletterPage, summary="All newsletters")
-async def list_newsletters(db: DbDep, _key: ReadKey) -> NewsletterPage:
-    async with db.transaction() as session:
-        found = await newsletter_service.list_with_counts(session)
-    return NewsletterPage(
-        items=[
-            AdminNewsletter(
-                slug=n.newsletter.slug,
-                name=n.newsletter.name,
-                description=n.newsletter.description,
-                opt_in=n.newsletter.opt_in,
-                from_name=n.newsletter.from_name,
-                from_email=n.newsletter.from_email,
-                language=n.newsletter.language,
-                created_at=n.newsletter.created_at,
-                archived_at=n.newsletter.archived_at,
-                counts={s.value: n.counts.get(s.value, 0) for s in Status},
-            )
-            for n in found
-        ]
+def newsletter_out(newsletter: Newsletter, counts: dict[str, int]) -> AdminNewsletter:
+    return AdminNewsletter(
+        slug=newsletter.slug,
+        name=newsletter.name,
+        description=newsletter.description,
+        opt_in=newsletter.opt_in,
+        from_name=newsletter.from_name,
+        from_email=newsletter.from_email,
+        reply_to=newsletter.reply_to,
+        language=newsletter.language,
+        confirmation_ttl_seconds=newsletter.confirmation_ttl_seconds,
+        redirect_after_signup=newsletter.redirect_after_signup,
+        redirect_after_confirm=newsletter.redirect_after_confirm,
+        allowed_origins=list(newsletter.allowed_origins or []),
+        created_at=newsletter.created_at,
+        archived_at=newsletter.archived_at,
+        counts={s.value: counts.get(s.value, 0) for s in Status},
     )
 
 
-@router.get("/subscribers", response_model=SubscriberPage, summary="Search subscribers")
-async def search_subscribers(
+@router.post(
+    "/newsletters",
+    status_code=201,
+    response_model=AdminNewsletter,
+    responses={**INVALID, **CONFLICT},
+    summary="Create a newsletter",
+)
+async def create_newsletter(body: NewsletterCreate, db: DbDep, key: AdminKey) -> AdminNewsletter:
+    fields = body.model_dump(exclude_none=True, exclude={"slug", "name"})
+    async with db.transaction() as session:
+        created = await newsletter_service.create_newsletter(
+            session, body.slug, body.name, actor=actor(key), **fields
+        )
+    return newsletter_out(created, {})
+
+
+@router.get("/newsletters", response_model=NewsletterPage, summary="All newsletters")
+async def list_newsletters(
     db: DbDep,
     _key: ReadKey,
-    email: Annotated[str | None, Query(max_length=320, description="Address prefix")] = None,
-    newsletter: Annotated[str | None, Query(max_length=64)] = None,
-    status: Annotated[Status | None, Query()] = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
     cursor: Annotated[str | None, Query(max_length=64)] = None,
-) -> SubscriberPage:
-    after_id = decode_cursor(cursor)
+) -> NewsletterPage:
     async with db.transaction() as session:
-        rows = await subscriber_service.search_subscribers(
-            session,
-            email_prefix=email,
-            newsletter=newsletter,
-            status=status.value if status else None,
-            limit=limit,
-            after_id=after_id,
+        found = await newsletter_service.list_with_counts(session, decode_cursor(cursor), limit)
+    return NewsletterPage(
+        items=[newsletter_out(n.newsletter, n.counts) for n in found],
+        next_cursor=next_cursor([n.newsletter.id for n in found], limit),
+    )
+
+
+@router.get(
+    "/newsletters/{slug}",
+    response_model=AdminNewsletter,
+    responses=NOT_FOUND,
+    summary="One newsletter",
+)
+async def get_newsletter(slug: Slug, db: DbDep, _key: ReadKey) -> AdminNewsletter:
+    async with db.transaction() as session:
+        newsletter = await newsletter_service.get_newsletter(session, slug)
+        counts = await newsletter_service.status_counts(session, [newsletter.id])
+    return newsletter_out(newsletter, counts.get(newsletter.id, {}))
+
+
+@router.patch(
+    "/newsletters/{slug}",
+    response_model=AdminNewsletter,
+    responses={**NOT_FOUND, **INVALID},
+    summary="Update a newsletter",
+)
+async def update_newsletter(
+    slug: Slug, body: NewsletterFields, db: DbDep, key: AdminKey
+) -> AdminNewsletter:
+    async with db.transaction() as session:
+        newsletter = await newsletter_service.update_newsletter(
+            session, slug, body.model_dump(exclude_unset=True), actor(key)
         )
-    items = [
-        SubscriberItem(
-            id=row.subscriber.public_id,
-            email=row.subscriber.email,
-            name=row.subscriber.name,
-            created_at=row.subscriber.created_at,
-            subscriptions=[
-                SubscriptionState(newsletter=s, status=st) for s, st in row.subscriptions
-            ],
-        )
-        for row in rows
-    ]
-    next_cursor = encode_cursor(rows[-1].subscriber.id) if len(rows) == limit else None
-    return SubscriberPage(items=items, next_cursor=next_cursor)
+        counts = await newsletter_service.status_counts(session, [newsletter.id])
+    return newsletter_out(newsletter, counts.get(newsletter.id, {}))
+
+
+@router.delete(
+    "/newsletters/{slug}",
+    response_model=AdminNewsletter,
+    responses=NOT_FOUND,
+    summary="Archive a newsletter (hidden from readers; data kept)",
+)
+async def archive_newsletter(slug: Slug, db: DbDep, key: AdminKey) -> AdminNewsletter:
+    async with db.transaction() as session:
+        newsletter = await newsletter_service.archive_newsletter(session, slug, actor(key))
+        counts = await newsletter_service.status_counts(session, [newsletter.id])
+    return newsletter_out(newsletter, counts.get(newsletter.id, {}))
+
+
+@router.get(
+    "/newsletters/{slug}/stats",
+    response_model=StatsOut,
+    responses=NOT_FOUND,
+    summary="Numbers for one newsletter",
+)
+async def newsletter_stats(
+    slug: Slug, db: DbDep, _key: ReadKey, days: Annotated[int, Query(ge=1, le=366)] = 30
+) -> StatsOut:
+    async with db.transaction() as session:
+        stats = await newsletter_service.newsletter_stats(session, slug, days)
+    return StatsOut(
+        newsletter=slug,
+        counts=stats.counts,
+        days=[
+            DayOut(
+                date=d.day,
+                signups=d.signups,
+                confirmations=d.confirmations,
+                unsubscribes=d.unsubscribes,
+            )
+            for d in stats.days
+        ],
+        confirmation_rate=stats.confirmation_rate,
+        median_time_to_confirm_seconds=stats.median_time_to_confirm_seconds,
+    )

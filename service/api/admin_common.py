@@ -1,0 +1,69 @@
+"""What every admin route shares: error answers for OpenAPI, cursors, the audit actor."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+from service.api.schemas import problem_response
+from service.errors import FieldError, InvalidInput
+from service.models import ApiKey
+
+AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: problem_response(
+        "No valid API key",
+        {"type": "about:blank#unauthorized", "title": "A valid API key is required", "status": 401},
+    ),
+    403: problem_response(
+        "Read-only key",
+        {"type": "about:blank#forbidden", "title": "This API key may not do that", "status": 403},
+    ),
+}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: problem_response(
+        "Not found", {"type": "about:blank#not_found", "title": "Not found", "status": 404}
+    )
+}
+INVALID: dict[int | str, dict[str, Any]] = {
+    422: problem_response(
+        "Invalid input",
+        {
+            "type": "about:blank#invalid_input",
+            "title": "This field is required.",
+            "status": 422,
+            "errors": [{"field": "name", "code": "required", "message": "This field is required."}],
+        },
+    )
+}
+CONFLICT: dict[int | str, dict[str, Any]] = {
+    409: problem_response(
+        "Conflict", {"type": "about:blank#conflict", "title": "Conflict", "status": 409}
+    )
+}
+
+
+def actor(key: ApiKey) -> str:
+    """How the audit trail names whoever used this key."""
+    return f"key:{key.name}"
+
+
+def encode_cursor(last_id: int) -> str:
+    return base64.urlsafe_b64encode(str(last_id).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> int | None:
+    if not cursor:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        if raw.isdigit() and len(raw) < 19:
+            return int(raw)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        pass
+    raise InvalidInput([FieldError("cursor", "invalid_cursor", "This cursor is not valid.")])
+
+
+def next_cursor(ids: list[int], limit: int) -> str | None:
+    """A cursor only when the page is full: keyset pagination stays right while rows arrive."""
+    return encode_cursor(ids[-1]) if ids and len(ids) == limit else None
