@@ -14,7 +14,7 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import text
 
 from service import migrate
-from service.api import admin, devmail, pages, public
+from service.api import admin, admin_ops, admin_subscribers, devmail, pages, public
 from service.config import Settings, load_settings
 from service.db import Database
 from service.errors import install_error_handlers
@@ -69,6 +69,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(public.router)
     app.include_router(pages.router)
     app.include_router(admin.router)
+    app.include_router(admin_subscribers.router)
+    app.include_router(admin_ops.router)
     app.include_router(devmail.router)
 
     @app.get("/healthz", tags=["operations"], summary="Liveness")
