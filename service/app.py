@@ -4,22 +4,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
-from fastapi.templating import Jinja2Templates
-from sqlalchemy import text
+from fastapi.staticfiles import StaticFiles
 
-from service import migrate
-from service.api import admin, admin_ops, admin_subscribers, devmail, pages, public
+from service.address_quality import AddressQuality
+from service.api import (
+    admin,
+    admin_csv,
+    admin_ops,
+    admin_subscribers,
+    devmail,
+    embed,
+    hooks,
+    operations,
+    pages,
+    public,
+)
+from service.api.cors import AllowedOrigins, NewsletterCORS
+from service.botcheck import ChallengeVerifier, form_token
 from service.config import Settings, load_settings
 from service.db import Database
 from service.errors import install_error_handlers
-from service.mail.render import Links
 from service.mail.worker import DeliveryWorker
+from service.observability import RequestMetrics, configure_logging
+from service.ratelimit import SignupLimiter
 from service.signup_batcher import SignupBatcher
 
 log = logging.getLogger(__name__)
@@ -30,11 +43,20 @@ Errors are `application/problem+json` (RFC 9457).
 """
 
 
+def served_app() -> FastAPI:
+    """The factory `newsletter serve` hands to uvicorn: logging first, then the app."""
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.json_logs)
+    return create_app(settings)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = (settings or load_settings()).with_secret_keys()
     db = Database(settings)
     worker = DeliveryWorker(db, settings) if settings.run_worker else None
     signups = SignupBatcher(db, settings)
+    limiter = SignupLimiter(settings, db)
+    challenge = ChallengeVerifier(settings)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -49,6 +71,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait_for(task, timeout=settings.mail_timeout + 5)
             await signups.stop()
+            await limiter.close()
+            await challenge.close()
             await db.dispose()
 
     app = FastAPI(
@@ -61,41 +85,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.db = db
     app.state.worker = worker
     app.state.signups = signups
-    templates = Jinja2Templates(directory=settings.templates_dir / "pages")
-    templates.env.globals["links"] = Links(settings)
-    app.state.templates = templates
+    app.state.limiter = limiter
+    app.state.challenge = challenge
+    app.state.address_quality = AddressQuality(settings)
+    app.state.templates = pages.page_templates(settings)
+    # The sign-up form's bot-check hooks (templates/pages/_signup_form.html).
+    app.state.templates.env.globals["form_token"] = functools.partial(form_token, settings)
+    app.state.templates.env.globals["challenge_widget"] = challenge.widget
+    app.state.allowed_origins = AllowedOrigins(db)
+    app.add_middleware(NewsletterCORS, allowed=app.state.allowed_origins)
     install_error_handlers(app)
 
+    app.add_middleware(RequestMetrics)
+    app.include_router(operations.router)
     app.include_router(public.router)
     app.include_router(pages.router)
     app.include_router(admin.router)
     app.include_router(admin_subscribers.router)
     app.include_router(admin_ops.router)
+    app.include_router(admin_csv.router)
     app.include_router(devmail.router)
-
-    @app.get("/healthz", tags=["operations"], summary="Liveness")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/readyz", tags=["operations"], summary="Database reachable, migrations at head")
-    async def readyz() -> JSONResponse:
-        head = migrate.head_revision()
-        try:
-            async with db.transaction() as session:
-                await session.execute(text("SELECT 1"))
-                current = await migrate.current_revision(session)
-        except Exception as exc:
-            log.warning("readiness check failed: %s", exc)
-            return JSONResponse({"status": "unavailable", "database": "unreachable"}, 503)
-        ready = current == head
-        return JSONResponse(
-            {
-                "status": "ok" if ready else "unavailable",
-                "database": "ok",
-                "migration": current,
-                "head": head,
-            },
-            status_code=200 if ready else 503,
-        )
+    app.include_router(embed.router)
+    app.include_router(hooks.router)
+    app.mount("/static", StaticFiles(directory=pages.STATIC_DIR), name="static")
 
     return app

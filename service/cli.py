@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 from typing import Annotated
@@ -11,12 +10,14 @@ from typing import Annotated
 import typer
 import uvicorn
 
-from service import keys, migrate, newsletters
+from service import keys, migrate, newsletters, purge
 from service.config import Settings, load_settings
+from service.csv_cli import subscribers_app
 from service.db import Database
 from service.errors import DomainError
 from service.mail import outbox
 from service.mail.worker import DeliveryWorker
+from service.observability import configure_logging
 
 app = typer.Typer(help="Newsletter subscription service.", no_args_is_help=True)
 newsletters_app = typer.Typer(help="Create and list newsletters.", no_args_is_help=True)
@@ -25,11 +26,14 @@ outbox_app = typer.Typer(help="The mail outbox.", no_args_is_help=True)
 app.add_typer(newsletters_app, name="newsletters")
 app.add_typer(keys_app, name="keys")
 app.add_typer(outbox_app, name="outbox")
+app.add_typer(subscribers_app, name="subscribers")
 
 
 def _settings() -> Settings:
     try:
-        return load_settings()
+        settings = load_settings()
+        configure_logging(settings.log_level, settings.json_logs)
+        return settings
     except RuntimeError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -53,11 +57,17 @@ def serve(
 ) -> None:
     """Run the HTTP service (and, by default, the delivery worker inside it)."""
     settings = _settings()
+    if "base_url" not in settings.model_fields_set:
+        # Links in mail must point at where this server really listens.
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104
+        settings = settings.model_copy(update={"base_url": f"http://{shown}:{port}"})
+        os.environ["NEWSLETTER_BASE_URL"] = settings.base_url
     if settings.is_sqlite:
         migrate.upgrade(settings.resolved_database_url)
     if demo:
         _run(_ensure_demo(settings))
-    os.environ["NEWSLETTER_RUN_WORKER"] = "false" if no_worker else "true"
+    if no_worker:
+        os.environ["NEWSLETTER_RUN_WORKER"] = "false"
     # Child processes must sign with the same key the embedded setup just generated.
     os.environ["NEWSLETTER_SECRET_KEYS"] = ",".join(settings.secret_keys)
     typer.echo(f"Serving on http://{host}:{port} (API docs at /docs)")
@@ -66,12 +76,14 @@ def serve(
             f"Mail goes to {settings.maildir_path}; read it at {settings.base_url}/dev/mailbox"
         )
     uvicorn.run(
-        "service.app:create_app",
+        "service.app:served_app",
         factory=True,
         host=host,
         port=port,
         workers=workers,
-        log_level="info",
+        log_level=settings.log_level,
+        log_config=None,  # served_app sets up JSON logs in every worker process
+        access_log=False,  # latency is in /metrics; access lines would carry tokens in paths
         proxy_headers=False,
     )
 
@@ -97,7 +109,6 @@ async def _ensure_demo(settings: Settings) -> None:
 def worker() -> None:
     """Run the delivery worker alone (no HTTP)."""
     settings = _settings()
-    logging.basicConfig(level=logging.INFO)
 
     async def main() -> None:
         db = Database(settings)
@@ -108,6 +119,42 @@ def worker() -> None:
         try:
             await DeliveryWorker(db, settings).run_forever(stop)
         finally:
+            await db.dispose()
+
+    asyncio.run(main())
+
+
+@app.command()
+def inbound(
+    host: Annotated[
+        str | None, typer.Option(help="Address to bind (default NEWSLETTER_INBOUND_HOST).")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port to bind (default NEWSLETTER_INBOUND_PORT).")
+    ] = None,
+    lmtp: Annotated[bool, typer.Option("--lmtp", help="Speak LMTP instead of SMTP.")] = False,
+) -> None:
+    """Take inbound mail: List-Unsubscribe mailto requests and bounces to VERP addresses."""
+    # Imported here: aiosmtpd is needed by this command only.
+    from service import inbound as listener
+
+    settings = _settings()
+    bind_host = host or settings.inbound_host
+    bind_port = port or settings.inbound_port
+
+    async def main() -> None:
+        db = Database(settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        server = await listener.start(db, settings, bind_host, bind_port, lmtp)
+        typer.echo(f"Taking {'LMTP' if lmtp else 'SMTP'} mail on {bind_host}:{bind_port}")
+        try:
+            await stop.wait()
+        finally:
+            server.close()
+            await server.wait_closed()
             await db.dispose()
 
     asyncio.run(main())
@@ -240,6 +287,69 @@ def outbox_status() -> None:
             typer.echo(f"{status:<8} {count}")
 
     _run(main())
+
+
+@outbox_app.command("retry")
+def outbox_retry(
+    ids: Annotated[
+        list[int] | None, typer.Argument(help="Message ids; all dead ones if none.")
+    ] = None,
+) -> None:
+    """Queue dead messages again with a fresh set of attempts."""
+    settings = _settings()
+
+    async def run() -> None:
+        db = Database(settings)
+        try:
+            async with db.transaction() as session:
+                count = await outbox.retry_dead(session, ids or None)
+        finally:
+            await db.dispose()
+        typer.echo(f"{count} messages queued again")
+
+    _run(run())
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[int, typer.Argument(help="The id `keys list` shows.")]) -> None:
+    """Revoke a key: it stops working at once."""
+    settings = _settings()
+
+    async def run() -> None:
+        db = Database(settings)
+        try:
+            async with db.transaction() as session:
+                await keys.revoke_key(session, key_id)
+        finally:
+            await db.dispose()
+        typer.echo(f"Key {key_id} revoked")
+
+    _run(run())
+
+
+@app.command("purge-pending")
+def purge_pending_command(
+    older_than: Annotated[str, typer.Option(help="Age like 30d or 12h.")] = "30d",
+) -> None:
+    """Delete sign-ups never confirmed, and the people who have nothing else."""
+    settings = _settings()
+
+    async def run() -> None:
+        age = purge.parse_age(older_than)
+        db = Database(settings)
+        try:
+            async with db.transaction() as session:
+                result = await purge.purge_pending(session, age)
+        finally:
+            await db.dispose()
+        if result is None:
+            typer.echo("another purge is running; nothing done")
+            return
+        typer.echo(
+            f"purged {result.subscriptions} pending subscriptions, {result.subscribers} subscribers"
+        )
+
+    _run(run())
 
 
 def main() -> None:

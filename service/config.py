@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
@@ -58,6 +59,11 @@ class Settings(BaseSettings):
     worker_max_attempts: int = 10
     worker_backoff_base: float = 5.0
     worker_backoff_max: float = 3600.0
+    purge_pending_after: timedelta = Field(
+        default=timedelta(days=30),
+        description="The worker deletes sign-ups still pending after this long (0 = never).",
+    )
+    webhook_timeout: float = Field(default=10.0, description="Seconds per webhook call.")
     db_pool_size: int = 10
     db_max_overflow: int = 10
     sqlite_pool_size: int = 1
@@ -67,12 +73,122 @@ class Settings(BaseSettings):
     signup_batch_size: int = 64
     signup_batch_consumers: int = 1
     db_echo: bool = False
+    bounce_webhook_secret: str = Field(
+        default="",
+        description="Shared secret of POST /v1/hooks/bounces (Bearer or ?token=); empty = off.",
+    )
+    bounce_sns_autoconfirm: bool = Field(
+        default=False,
+        description="Fetch the SubscribeURL of an Amazon SNS subscription confirmation.",
+    )
+    soft_bounce_threshold: int = Field(
+        default=3, ge=1, description="Soft bounces of one address that count as a hard bounce."
+    )
+    inbound_host: str = Field(default="127.0.0.1", description="Where `newsletter inbound` binds.")
+    inbound_port: int = Field(default=2525, description="Port of `newsletter inbound`.")
+    verp: bool = Field(
+        default=False,
+        description="Send with a signed per-message envelope sender (VERP) so bounces name the "
+        "message; only where `newsletter inbound` receives the mail of MAIL_FROM's domain.",
+    )
+    log_level: str = Field(
+        default="info", description="debug, info, warning; addresses are logged only at debug."
+    )
+    json_logs: bool = Field(default=True, description="One JSON object per log line.")
+    # Abuse resistance of the public sign-up (docs/abuse.md).
+    signup_rate_limit: str = Field(
+        default="60/minute;300/hour",
+        description="Sign-ups per client IP, as `limits` strings separated by ';' "
+        "(e.g. 20/minute;200/hour); empty = no limit. IPv6 clients count per /64.",
+    )
+    rate_limit_storage: Literal["auto", "memory", "database", "redis"] = Field(
+        default="auto",
+        description="Where rate-limit counters live; auto = redis when REDIS_URL is set, else "
+        "memory for SQLite (one process) and a database table for PostgreSQL.",
+    )
+    redis_url: str = Field(
+        default="", description="redis://host:port/db shared by every API process (rate limits)."
+    )
+    rate_limit_key_prefix: str = Field(
+        default="newsletter", description="Prefix of the rate-limit keys in Redis."
+    )
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated IPs/CIDRs of reverse proxies whose X-Forwarded-For is "
+        "believed; the client is the right-most address not in this set.",
+    )
+    min_fill_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        description="Minimum seconds between the signed form_ts a form carries and its "
+        "sign-up; younger, forged or missing = a bot, answered like the honeypot. 0 = off.",
+    )
+    challenge_verify_url: str = Field(
+        default="",
+        description="Siteverify URL of a Turnstile/hCaptcha-style challenge; with "
+        "CHALLENGE_SECRET set, every sign-up must carry a passing challenge_token.",
+    )
+    challenge_secret: str = Field(default="", description="Secret sent to CHALLENGE_VERIFY_URL.")
+    challenge_site_key: str = Field(
+        default="", description="Public site key of the challenge widget on our form pages."
+    )
+    challenge_widget_class: str = Field(
+        default="cf-turnstile",
+        description="CSS class of the widget's placeholder (cf-turnstile, h-captcha).",
+    )
+    challenge_script_url: str = Field(
+        default="", description="Script of the challenge widget, loaded by our form pages."
+    )
+    challenge_timeout: float = Field(
+        default=5.0, gt=0, description="Seconds to wait for the challenge verifier."
+    )
+    reject_disposable: bool = Field(
+        default=True, description="Refuse addresses at disposable (throw-away) mail domains."
+    )
+    disposable_domains_file: Path | None = Field(
+        default=None,
+        description="Extra disposable domains, one per line (# comments); re-read when changed.",
+    )
+    suggest_domain_typos: bool = Field(
+        default=True,
+        description="Refuse near misses of popular mail domains (gmial.com) with a suggestion.",
+    )
+    dns_resolver: str = Field(
+        default="",
+        description="host:port ([v6]:port) of the DNS server for deliverability; empty = system.",
+    )
+    dns_timeout: float = Field(
+        default=3.0, gt=0, description="Seconds a deliverability lookup may take, then pass."
+    )
 
     @field_validator("secret_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split_proxies(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("signup_rate_limit")
+    @classmethod
+    def _valid_rate_limit(cls, value: str) -> str:
+        if value.strip():
+            from limits import parse_many
+
+            parse_many(value)  # a typo fails at start, not on the first sign-up
+        return value.strip()
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _valid_networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            ipaddress.ip_network(item, strict=False)
         return value
 
     @field_validator(

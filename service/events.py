@@ -15,6 +15,7 @@ from service.models import (
     OutboxStatus,
     Subscriber,
     Webhook,
+    table,
     utcnow,
 )
 
@@ -57,10 +58,13 @@ async def record(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
     ).all()
     wanted = [(hook_id, set(types)) for hook_id, types in hooks]
     if not any(row["type"] in types for row in rows for _, types in wanted):
-        await session.execute(insert(Event), rows)
+        await session.execute(insert(table(Event)), rows)
         return
     result = await session.execute(
-        insert(Event).returning(Event.id, Event.type, sort_by_parameter_order=True), rows
+        insert(table(Event)).returning(
+            table(Event).c.id, table(Event).c.type, sort_by_parameter_order=True
+        ),
+        rows,
     )
     now = utcnow()
     calls = [
@@ -79,7 +83,7 @@ async def record(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
         for hook_id, types in wanted
         if event_type in types
     ]
-    await session.execute(insert(OutboxMessage), calls)
+    await session.execute(insert(table(OutboxMessage)), calls)
 
 
 async def feed(

@@ -9,7 +9,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service import tokens
-from service.errors import FieldError, Forbidden, InvalidInput, Unauthorized
+from service.errors import FieldError, Forbidden, InvalidInput, NotFound, Unauthorized
 from service.models import ApiKey, KeyScope, utcnow
 
 # last_used_at is a hint for ops, not an audit record: write it at most once a minute.
@@ -59,3 +59,12 @@ async def authenticate(
 
 async def list_keys(session: AsyncSession) -> list[ApiKey]:
     return list(await session.scalars(select(ApiKey).order_by(ApiKey.id)))
+
+
+async def revoke_key(session: AsyncSession, key_id: int, now: datetime | None = None) -> None:
+    record = await session.get(ApiKey, key_id)
+    if record is None:
+        raise NotFound(f"No key {key_id}.")
+    if record.revoked_at is None:
+        record.revoked_at = now or utcnow()
+        await session.flush()

@@ -10,11 +10,13 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     DateTime,
+    Double,
     ForeignKey,
     Index,
     Integer,
     MetaData,
     String,
+    Table,
     Text,
     TypeDecorator,
     UniqueConstraint,
@@ -60,6 +62,12 @@ class UTCDateTime(TypeDecorator[datetime]):
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
     type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON, list[Any]: JSON}
+
+
+def table(model: type[Base]) -> Table:
+    """The Core table of a model: multi-row inserts on it run as one executemany, where the
+    ORM's bulk path may fall back to a statement per row."""
+    return Base.metadata.tables[model.__tablename__]
 
 
 class OptIn(enum.StrEnum):
@@ -124,6 +132,8 @@ class Subscriber(Base):
     name: Mapped[str | None] = mapped_column(String(200))
     language: Mapped[str | None] = mapped_column(String(16))
     attributes: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # Soft bounces since the last hard one; at settings.soft_bounce_threshold they count as hard.
+    soft_bounces: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -303,3 +313,15 @@ class ImportJob(Base):
     leased_until: Mapped[datetime | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column()
+
+
+class RateLimitWindow(Base):
+    """One fixed rate-limit window of one client: the counter the `limits` library keeps when
+    the database is PostgreSQL and there is no Redis (service/ratelimit.py). UNLOGGED there:
+    counters need no WAL, and a crash that empties them only forgives a few minutes."""
+
+    __tablename__ = "rate_limit_windows"
+
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    hits: Mapped[int] = mapped_column(Integer)
+    expires_at: Mapped[float] = mapped_column(Double)  # Unix time: the clock `limits` keeps

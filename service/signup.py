@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -28,6 +28,7 @@ from service.models import (
     Status,
     Subscriber,
     Subscription,
+    table,
     utcnow,
 )
 from service.signup_input import SignupInput
@@ -67,6 +68,20 @@ class SignupResult:
     @property
     def redirect_url(self) -> str | None:
         return self.newsletters[0].redirect_after_signup if self.newsletters else None
+
+
+_subs = table(Subscription)
+# One executemany for every known subscription a batch asks for again.
+RESUBSCRIBE = (
+    update(_subs)
+    .where(_subs.c.id == bindparam("sid"))
+    .values(
+        status=bindparam("new_status"),
+        updated_at=bindparam("changed_at"),
+        pending_at=func.coalesce(bindparam("pending_stamp"), _subs.c.pending_at),
+        confirmed_at=func.coalesce(bindparam("confirmed_stamp"), _subs.c.confirmed_at),
+    )
+)
 
 
 @dataclass
@@ -206,6 +221,7 @@ async def _apply(
     existing = await _existing_subscriptions(session, [w for w in batch if not w.created])
 
     new_rows: list[dict[str, Any]] = []
+    again: list[dict[str, Any]] = []
     new_events: list[dict[str, Any]] = []
     for work in batch:
         for newsletter in work.newsletters:
@@ -239,20 +255,20 @@ async def _apply(
                     }
                 )
             else:
-                stamp = "confirmed_at" if single else "pending_at"
-                await session.execute(
-                    update(Subscription)
-                    .where(Subscription.id == current[0])
-                    .values(
-                        status=target.value,
-                        updated_at=now,
-                        **{stamp: now},
-                        **work.consent.columns(now),
-                    )
-                    .execution_options(synchronize_session=False)
+                again.append(
+                    {
+                        "sid": current[0],
+                        "new_status": target.value,
+                        "pending_stamp": None if single else now,
+                        "confirmed_stamp": now if single else None,
+                        "changed_at": now,
+                        **work.consent.columns(now),  # column-named keys fill the SET clause
+                    }
                 )
     if new_rows:
-        await session.execute(insert(Subscription), new_rows)
+        await session.execute(insert(table(Subscription)), new_rows)
+    if again:
+        await session.execute(RESUBSCRIBE, again)
     await events.record(session, new_events)
     await _queue_mail(session, settings, batch, now)
 
@@ -386,6 +402,6 @@ async def _queue_mail(
             work.result.mail_queued = "already_subscribed"
         mails.append(outbox_row(work.result.mail_queued, email, work.subscriber_id, payload, now))
     if confirmations:
-        await session.execute(insert(Confirmation), confirmations)
+        await session.execute(insert(table(Confirmation)), confirmations)
     if mails:
-        await session.execute(insert(OutboxMessage), mails)
+        await session.execute(insert(table(OutboxMessage)), mails)

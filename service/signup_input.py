@@ -9,10 +9,12 @@ from typing import Any
 from service.addresses import Address, normalise
 from service.config import Settings
 from service.errors import REQUIRED, FieldError, InvalidInput
+from service.newsletters import SLUG
 
 MAX_NAME = 200
 MAX_LANGUAGE = 16
 MAX_SLUG = 64
+MAX_ATTRIBUTES_DEPTH = 8
 
 
 @dataclass
@@ -34,6 +36,25 @@ def _text(value: Any) -> str | None:
     if not isinstance(value, str):
         return None
     return value.strip()
+
+
+def _depth(value: Any) -> int:
+    """How deeply objects and lists nest, walked without recursion (the input is untrusted)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, level)
+        if deepest > MAX_ATTRIBUTES_DEPTH:
+            break
+        stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def _clean_free_text(value: str) -> str:
@@ -74,8 +95,13 @@ def parse_signup(data: dict[str, Any], settings: Settings) -> SignupInput:
         )
     else:
         slugs = list(dict.fromkeys(s.strip() for s in raw_slugs if s.strip()))
+        # A slug no newsletter can have (a NUL byte breaks PostgreSQL) never reaches a query.
+        malformed = [s for s in slugs if len(s) > MAX_SLUG or not SLUG.match(s)]
         if not slugs:
             errors.append(FieldError("newsletters", "required", REQUIRED))
+        elif malformed:
+            message = "Unknown newsletter: " + ", ".join(s[:MAX_SLUG] for s in malformed[:5])
+            errors.append(FieldError("newsletters", "unknown_newsletter", message))
 
     name = _text(data.get("name"))
     if data.get("name") is not None and name is None:
@@ -95,14 +121,35 @@ def parse_signup(data: dict[str, Any], settings: Settings) -> SignupInput:
     elif not isinstance(attributes, dict):
         errors.append(FieldError("attributes", "invalid", "Attributes must be a JSON object."))
         attributes = {}
-    elif len(json.dumps(attributes)) > settings.max_attributes_bytes:
+    elif _depth(attributes) > MAX_ATTRIBUTES_DEPTH:
+        # Deep nesting is tiny in bytes yet overflows the JSON encoder when stored.
         errors.append(
             FieldError(
                 "attributes",
-                "too_large",
-                f"Attributes must be at most {settings.max_attributes_bytes} bytes of JSON.",
+                "too_deep",
+                f"Attributes may nest at most {MAX_ATTRIBUTES_DEPTH} levels.",
             )
         )
+        attributes = {}
+    else:
+        try:
+            # NaN and Infinity (1e400 decodes to it) are not JSON: PostgreSQL refuses them.
+            encoded = json.dumps(attributes, allow_nan=False)
+        except ValueError:
+            errors.append(
+                FieldError("attributes", "invalid", "Attributes may not hold NaN or Infinity.")
+            )
+            attributes = {}
+        else:
+            if len(encoded) > settings.max_attributes_bytes:
+                errors.append(
+                    FieldError(
+                        "attributes",
+                        "too_large",
+                        f"Attributes must be at most {settings.max_attributes_bytes} bytes"
+                        " of JSON.",
+                    )
+                )
 
     if errors or address is None:
         raise InvalidInput(errors)

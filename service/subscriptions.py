@@ -32,6 +32,7 @@ from service.models import (
     Subscription,
     utcnow,
 )
+from service.newsletters import SLUG
 from service.signup import Consent, SignupResult, consent_event, mail_payload, subscribe
 from service.signup_input import SignupInput
 
@@ -238,6 +239,8 @@ async def unsubscribe(
         .where(Subscription.subscriber_id == subscriber.id)
     )
     if newsletter_slug is not None:
+        if not SLUG.match(newsletter_slug):  # never send a NUL byte or the like to a query
+            raise NotFound("Unknown newsletter.")
         newsletter = await session.scalar(
             select(Newsletter).where(Newsletter.slug == newsletter_slug)
         )

@@ -37,11 +37,49 @@ def manage_token(keys: Sequence[str], public_id: str) -> str:
 def verify_manage_token(keys: Sequence[str], token: str) -> str | None:
     """Return the subscriber's public id if any key signed the token, else None."""
     public_id, _, signature = token.partition(".")
-    if len(public_id) != 32 or not signature:
+    # compare_digest refuses non-ASCII text with a TypeError: such a token is simply wrong.
+    if len(public_id) != 32 or not signature or not signature.isascii():
         return None
     for key in keys:
         if hmac.compare_digest(_signature(key, public_id), signature):
             return public_id
+    return None
+
+
+def _bounce_signature(key: str, outbox_id: int) -> str:
+    # Lower-case hex: some mail systems fold the case of local parts; 64 bits is plenty for an
+    # address that only lets its holder report a bounce of the one message it names.
+    return hmac.new(key.encode(), f"bounce:{outbox_id}".encode(), hashlib.sha256).hexdigest()[:16]
+
+
+def verp_address(keys: Sequence[str], mail_from: str, outbox_id: int) -> str:
+    """The envelope sender (MAIL FROM) of one outbox message: bounces of it come back to
+    `<local>+bounce-<outbox id>-<signature>@<domain>`, naming the message they are about."""
+    local, _, domain = mail_from.rpartition("@")
+    signature = _bounce_signature(keys[0], outbox_id)
+    return f"{local or 'newsletter'}+bounce-{outbox_id}-{signature}@{domain}"
+
+
+def address_tag(address: str) -> tuple[str, str] | None:
+    """Split `<local>+<kind>-<rest>@domain` into (kind, rest) for kind unsubscribe or bounce."""
+    local = address.rpartition("@")[0]
+    tag = local.rpartition("+")[2] if "+" in local else ""
+    kind, dash, rest = tag.partition("-")
+    if not dash or kind.lower() not in ("unsubscribe", "bounce") or not rest:
+        return None
+    return kind.lower(), rest
+
+
+def verify_bounce_tag(keys: Sequence[str], rest: str) -> int | None:
+    """The outbox id of a VERP tag (`<outbox id>-<signature>`) if any key signed it."""
+    outbox_id, _, signature = rest.partition("-")
+    if not (outbox_id.isascii() and outbox_id.isdigit()) or len(outbox_id) > 18:
+        return None
+    if not signature or not signature.isascii():
+        return None
+    for key in keys:
+        if hmac.compare_digest(_bounce_signature(key, int(outbox_id)), signature.lower()):
+            return int(outbox_id)
     return None
 
 

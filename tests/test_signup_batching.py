@@ -49,3 +49,32 @@ async def test_concurrent_signups_each_get_their_own_answer(
     recipients = sorted(r for mail in smtp.sink.received for r in mail.rcpt_tos)
     assert len(recipients) == 42
     assert recipients.count("Twice@example.com") == 1
+
+
+async def test_signing_up_again_after_unsubscribing_makes_it_pending_with_new_consent(
+    client: httpx.AsyncClient, db: Database, app: object
+) -> None:
+    await make_newsletter(db, "weekly")
+    await make_newsletter(db, "daily", opt_in="single")
+    body = {"email": "again@example.com", "newsletters": ["weekly", "daily"]}
+    await client.post("/v1/subscriptions", json=body, headers={"user-agent": "First/1"})
+    async with db.transaction() as session:
+        await session.execute(
+            Subscription.__table__.update().values(status="unsubscribed")  # type: ignore[attr-defined]
+        )
+    await client.post("/v1/subscriptions", json=body, headers={"user-agent": "Second/2"})
+    async with db.transaction() as session:
+        rows = (
+            await session.execute(
+                select(
+                    Subscription.status,
+                    Subscription.consent_user_agent,
+                    Subscription.pending_at,
+                    Subscription.confirmed_at,
+                ).order_by(Subscription.newsletter_id)
+            )
+        ).all()
+    [(weekly, weekly_ua, weekly_pending, _), (daily, daily_ua, _, daily_confirmed)] = rows
+    assert (weekly, weekly_ua) == ("pending", "Second/2")
+    assert (daily, daily_ua) == ("active", "Second/2")
+    assert weekly_pending is not None and daily_confirmed is not None

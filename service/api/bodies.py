@@ -92,6 +92,12 @@ async def read_fields(
             raise MalformedBody("Malformed form body.") from exc
         return _collect(pairs, list_fields)
     try:
+        # Starlette falls back to Latin-1 for a part that is not UTF-8 and stores mojibake;
+        # a sign-up carries no files, so the whole body must be UTF-8, as with the other types.
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedBody("Malformed multipart body: not UTF-8.") from exc
+    try:
         form = await request.form(max_files=0, max_fields=200, max_part_size=limit)
     except Exception as exc:  # multipart errors come in several library types
         raise MalformedBody("Malformed multipart body.") from exc

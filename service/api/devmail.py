@@ -12,6 +12,7 @@ from email.parser import BytesParser
 from pathlib import Path
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import HTMLResponse
 
 from service.api.deps import SettingsDep
 from service.api.pages import not_found, render
@@ -29,7 +30,12 @@ class StoredMail:
     sender: str
     date: str
     text: str
+    html: str
     links: list[str]
+
+    @property
+    def has_html(self) -> bool:
+        return bool(self.html)
 
 
 def _load(path: Path, key: str | None = None) -> list[StoredMail]:
@@ -46,6 +52,8 @@ def _load(path: Path, key: str | None = None) -> list[StoredMail]:
         assert isinstance(message, EmailMessage)
         body = message.get_body(preferencelist=("plain",))
         text = body.get_content() if body is not None else ""
+        html_part = message.get_body(preferencelist=("html",))
+        html = html_part.get_content() if html_part is not None else ""
         found.append(
             (
                 box.get_message(k).get_date(),
@@ -56,6 +64,7 @@ def _load(path: Path, key: str | None = None) -> list[StoredMail]:
                     sender=str(message["From"] or ""),
                     date=str(message["Date"] or ""),
                     text=text,
+                    html=html,
                     links=list(dict.fromkeys(LINK.findall(text))),
                 ),
             )
@@ -69,7 +78,7 @@ async def mailbox_page(request: Request, settings: SettingsDep) -> Response:
     if not settings.show_dev_mailbox or path is None:
         return not_found(request)
     mails = await asyncio.to_thread(_load, path)
-    return render(request, "mailbox.html", {"mails": mails[:200]})
+    return render(request, "mailbox.html", {"mails": mails[:200]}, lang="en")
 
 
 @router.get("/dev/mailbox/{key}")
@@ -80,4 +89,27 @@ async def mail_page(key: str, request: Request, settings: SettingsDep) -> Respon
     mails = await asyncio.to_thread(_load, path, key)
     if not mails:
         return not_found(request)
-    return render(request, "mail.html", {"mail": mails[0]})
+    return render(request, "mail.html", {"mail": mails[0]}, lang="en")
+
+
+@router.get("/dev/mailbox/{key}/html")
+async def mail_html(key: str, request: Request, settings: SettingsDep) -> Response:
+    """The HTML part alone, for the mail page's sandboxed frame: no scripts, no requests."""
+    path = settings.maildir_path
+    if not settings.show_dev_mailbox or path is None or not KEY.match(key):
+        return not_found(request)
+    mails = await asyncio.to_thread(_load, path, key)
+    if not mails or not mails[0].html:
+        return not_found(request)
+    return HTMLResponse(
+        mails[0].html,
+        headers={
+            "Content-Security-Policy": (
+                "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
+                "frame-ancestors 'self'; sandbox"
+            ),
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+            "Cache-Control": "no-store",
+        },
+    )

@@ -2,34 +2,164 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import re
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from markupsafe import Markup
 
-from service import subscriptions
+from service import i18n, subscriptions
 from service.api.bodies import read_fields
 from service.api.deps import DbDep, SettingsDep, consent_from, wake_worker
+from service.config import PROJECT_ROOT, Settings
 from service.db import Database
 from service.errors import ConfirmationExpired, InvalidInput, NotFound, TokenNotFound
+from service.mail.render import Links
+from service.models import Newsletter, Subscriber
+from service.origins import normalise, safe_redirect
 
 router = APIRouter(include_in_schema=False)
+STATIC_DIR = PROJECT_ROOT / "static"
+INLINE_BLOCK = re.compile(rb"<(script|style)>(.*?)</(?:script|style)>", re.S)
+
+# The sign-up form and its answers may be shown in a frame on the newsletter's own sites (the
+# no-JS post of the embedded form lands on them); every other page refuses to be framed, so
+# nobody can overlay a confirm or unsubscribe button with their own page.
+FRAMEABLE = frozenset({"signup.html", "thanks.html", "embed.html"})
+
+
+@lru_cache(maxsize=1)
+def subscribe_script() -> Markup:
+    """static/subscribe.js, for the embedded form to carry inline (one request, nothing else)."""
+    source = (STATIC_DIR / "subscribe.js").read_text(encoding="utf-8")
+    return Markup(source.replace("</", "<\\/"))  # noqa: S704 - our own file, never input
+
+
+def page_templates(settings: Settings) -> Jinja2Templates:
+    """The pages' Jinja2 environment: autoescaped, translated per render (see service.i18n)."""
+    env = Environment(
+        loader=FileSystemLoader(settings.templates_dir / "pages"),
+        autoescape=select_autoescape(default=True),
+    )
+    i18n.install(env)
+    env.globals["links"] = Links(settings)
+    env.globals["subscribe_script"] = subscribe_script
+    return Jinja2Templates(env=env)
+
+
+def _newsletters_in(context: dict[str, Any]) -> list[Newsletter]:
+    """The newsletters a page is about, wherever its context carries them."""
+    found: Any = context.get("newsletters")
+    if found is None and context.get("newsletter") is not None:
+        found = [context["newsletter"]]
+    if found is None and context.get("result") is not None:
+        found = getattr(context["result"], "newsletters", None)
+    return [n for n in found or [] if isinstance(n, Newsletter)]
+
+
+def page_language(
+    request: Request, newsletters: Sequence[Newsletter], subscriber: Subscriber | None = None
+) -> str:
+    """A newsletter's page speaks its language; other pages the reader's or the browser's."""
+    if newsletters:
+        return i18n.supported(newsletters[0].language) or i18n.DEFAULT_LANGUAGE
+    if subscriber is not None and (language := i18n.supported(subscriber.language)):
+        return language
+    return i18n.negotiate(request.headers.get("accept-language"))
+
+
+def inline_hashes(body: bytes) -> dict[str, list[str]]:
+    """CSP hashes of the page's own inline <script> and <style> blocks, by element.
+
+    Hashes rather than nonces keep a page byte-for-byte the same for the same answer (the
+    honeypot's answer must not differ from a real one). Readers' text cannot open such a
+    block: autoescaping turns its `<` into `&lt;`.
+    """
+    found: dict[str, list[str]] = {"script": [], "style": []}
+    for kind, content in INLINE_BLOCK.findall(body):
+        source = _csp_hash(content)
+        if source not in found[kind.decode()]:
+            found[kind.decode()].append(source)
+    return found
+
+
+@lru_cache(maxsize=64)
+def _csp_hash(content: bytes) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(content).digest()).decode() + "'"
+
+
+def security_headers(
+    hashes: dict[str, list[str]], allowed_origins: Iterable[str], *, frameable: bool
+) -> dict[str, str]:
+    """No third-party anything: only the page's own inline style and scripts run."""
+    allowed = sorted(allowed_origins)
+    policy = [
+        "default-src 'none'",
+        "style-src " + (" ".join(hashes["style"]) or "'none'"),
+        "script-src " + (" ".join(hashes["script"]) or "'none'"),
+        "img-src 'self' data:",
+        "connect-src 'self'",
+        "frame-src 'self'",
+        # A form may be answered by a redirect to the newsletter's own site.
+        " ".join(["form-action 'self'", *allowed]),
+        "base-uri 'none'",
+        "frame-ancestors " + ((" ".join(allowed) or "*") if frameable else "'none'"),
+    ]
+    headers = {
+        "Content-Security-Policy": "; ".join(policy),
+        "X-Content-Type-Options": "nosniff",
+        # Pages carry tokens in their URL: never leak them to other sites or caches.
+        "Referrer-Policy": "no-referrer",
+        "Cache-Control": "no-store",
+    }
+    if not frameable:
+        headers["X-Frame-Options"] = "DENY"
+    return headers
 
 
 def render(
-    request: Request, template: str, context: dict[str, Any], status_code: int = 200
+    request: Request,
+    template: str,
+    context: dict[str, Any],
+    status_code: int = 200,
+    *,
+    lang: str | None = None,
+    subscriber: Subscriber | None = None,
 ) -> HTMLResponse:
+    """Render a page in its language, with its CSP and framing rules."""
     templates: Jinja2Templates = request.app.state.templates
-    response = templates.TemplateResponse(request, template, context, status_code=status_code)
-    # Pages carry tokens in their URL: never leak them to other sites or caches.
-    response.headers["Referrer-Policy"] = "no-referrer"
-    response.headers["Cache-Control"] = "no-store"
+    newsletters = _newsletters_in(context)
+    language = lang or page_language(request, newsletters, subscriber)
+    response = templates.TemplateResponse(
+        request, template, {**context, "lang": language}, status_code=status_code
+    )
+    allowed = normalise(o for n in newsletters for o in (n.allowed_origins or []))
+    response.headers.update(
+        security_headers(
+            inline_hashes(bytes(response.body)), allowed, frameable=template in FRAMEABLE
+        )
+    )
+    response.headers["Content-Language"] = language
     return response
 
 
 def not_found(request: Request) -> HTMLResponse:
     return render(request, "not_found.html", {}, status_code=404)
+
+
+def field_errors(error: InvalidInput) -> dict[str, Any]:
+    """The first error of each field, for the form to show next to it."""
+    found: dict[str, Any] = {}
+    for item in error.errors:
+        found.setdefault(item.field, item)
+    return found
 
 
 async def signup_form_again(
@@ -38,26 +168,30 @@ async def signup_form_again(
     """A browser form post with errors: the form again, messages by the fields, values kept."""
     async with db.transaction() as session:
         newsletters = await subscriptions.public_newsletters(session)
-    chosen = fields.get("newsletters") or []
-    return render(
-        request,
-        "signup.html",
-        {
-            "newsletters": [n for n in newsletters if n.slug in chosen] or newsletters,
-            "chosen": chosen,
-            "email": fields.get("email") if isinstance(fields.get("email"), str) else "",
-            "errors": {e.field: e.message for e in error.errors},
-        },
-        status_code=422,
-    )
+    raw = fields.get("newsletters")
+    chosen = [s for s in (raw if isinstance(raw, list) else [raw]) if isinstance(s, str)]
+    email = fields.get("email")
+    shown = [n for n in newsletters if n.slug in chosen]
+    context = {
+        "newsletters": shown or newsletters,
+        "chosen": chosen,
+        "email": email if isinstance(email, str) else "",
+        "errors": field_errors(error),
+    }
+    if fields.get("embed") == "1" and len(shown) == 1:
+        # The no-JS post of the embedded form: answer in the frame with the same small form.
+        return render(request, "embed.html", {**context, "newsletter": shown[0]}, 422)
+    return render(request, "signup.html", context, status_code=422)
 
 
 async def _confirmed_page(request: Request, db: Database, token: str) -> Response:
     async with db.transaction() as session:
         result = await subscriptions.confirm(session, token, consent_from(request, "form"))
     wake_worker(request)
-    if result.redirect_url:
-        return RedirectResponse(result.redirect_url, status_code=303)
+    first = result.newsletters[0] if result.newsletters else None
+    target = safe_redirect(result.redirect_url, first.allowed_origins if first else None)
+    if target:
+        return RedirectResponse(target, status_code=303)
     return render(request, "confirmed.html", {"newsletters": result.newsletters})
 
 
@@ -113,7 +247,13 @@ async def unsubscribe_page(
     except TokenNotFound:
         return not_found(request)
     target = next((p.newsletter for p in prefs.items if p.newsletter.slug == newsletter), None)
-    return render(request, "unsubscribe.html", {"token": token, "newsletter": target})
+    receiving = [p.newsletter for p in prefs.items if p.status in ("active", "pending")]
+    return render(
+        request,
+        "unsubscribe.html",
+        {"token": token, "newsletter": target, "receiving": receiving},
+        subscriber=subscriber,
+    )
 
 
 @router.post("/unsubscribe/{token}")
@@ -132,7 +272,13 @@ async def unsubscribe_post(
             prefs = await subscriptions.preferences(session, subscriber)
     except NotFound:
         return not_found(request)
-    return render(request, "unsubscribed.html", {"token": token, "prefs": prefs})
+    target = next((p.newsletter for p in prefs.items if p.newsletter.slug == newsletter), None)
+    return render(
+        request,
+        "unsubscribed.html",
+        {"token": token, "prefs": prefs, "newsletter": target},
+        subscriber=subscriber,
+    )
 
 
 @router.get("/manage/{token}")
@@ -145,7 +291,12 @@ async def manage_page(token: str, request: Request, db: DbDep, settings: Setting
             prefs = await subscriptions.preferences(session, subscriber)
     except TokenNotFound:
         return not_found(request)
-    return render(request, "manage.html", {"token": token, "prefs": prefs, "saved": False})
+    return render(
+        request,
+        "manage.html",
+        {"token": token, "prefs": prefs, "saved": False},
+        subscriber=subscriber,
+    )
 
 
 @router.post("/manage/{token}")
@@ -166,7 +317,12 @@ async def manage_post(token: str, request: Request, db: DbDep, settings: Setting
             )
     except TokenNotFound:
         return not_found(request)
-    return render(request, "manage.html", {"token": token, "prefs": prefs, "saved": True})
+    return render(
+        request,
+        "manage.html",
+        {"token": token, "prefs": prefs, "saved": True},
+        subscriber=subscriber,
+    )
 
 
 @router.get("/subscribe/{slug}")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 
-from service import subscriptions
-from service.addresses import check_deliverable
+from service import botcheck, subscriptions
+from service.address_quality import AddressQuality
 from service.api import pages
 from service.api.bodies import read_fields, wants_html
 from service.api.deps import DbDep, SettingsDep, SignupsDep, consent_from, wake_worker
@@ -21,12 +22,61 @@ from service.api.schemas import (
     ConfirmationOut,
     NewsletterOut,
     SignupAccepted,
+    problem_response,
 )
-from service.errors import InvalidInput
+from service.botcheck import ChallengeUnavailable, ChallengeVerifier
+from service.errors import FieldError, InvalidInput, problem
+from service.ratelimit import RATE_LIMITED, SignupLimiter
 from service.signup import SignupResult
 from service.signup_input import parse_signup
 
 router = APIRouter(tags=["public"])
+
+SIGNUP_ABUSE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **SIGNUP_RESPONSES,
+    429: problem_response(
+        "Too many sign-ups from this client; Retry-After says when to try again",
+        {
+            "type": "about:blank#rate_limited",
+            "title": RATE_LIMITED,
+            "status": 429,
+            "detail": "Too many sign-ups from this address. Try again in 42 seconds.",
+        },
+    ),
+    503: problem_response(
+        "The challenge verifier could not be reached (the challenge fails closed)",
+        {
+            "type": "about:blank#challenge_unavailable",
+            "title": ChallengeUnavailable.title,
+            "status": 503,
+        },
+    ),
+}
+
+
+def _rate_limited(request: Request, html: bool, retry_after: int) -> Response:
+    """429, with nothing read or done: a readable page for a browser form, else problem+json."""
+    headers = {"Retry-After": str(retry_after)}
+    if not html:
+        return problem(
+            429,
+            RATE_LIMITED,
+            code="rate_limited",
+            detail=f"Too many sign-ups from this address. Try again in {retry_after} seconds.",
+            headers=headers,
+        )
+    page = pages.render(request, "rate_limited.html", {"retry_after": retry_after}, 429)
+    # The answer to the embedded form's plain post lands in its frame: let it show there.
+    page.headers.update(
+        pages.security_headers(pages.inline_hashes(bytes(page.body)), (), frameable=True)
+    )
+    del page.headers["X-Frame-Options"]
+    page.headers.update(headers)
+    return page
+
+
+def _challenge_down(exc: ChallengeUnavailable) -> FieldError:
+    return FieldError("challenge", exc.code, exc.title)
 
 
 def _signup_answer(result: SignupResult) -> dict[str, str]:
@@ -39,7 +89,7 @@ def _signup_answer(result: SignupResult) -> dict[str, str]:
     "/v1/subscriptions",
     status_code=202,
     response_model=SignupAccepted,
-    responses=SIGNUP_RESPONSES,
+    responses=SIGNUP_ABUSE_RESPONSES,
     openapi_extra=SIGNUP_BODY,
     summary="Sign up to one or more newsletters",
 )
@@ -48,19 +98,44 @@ async def create_subscription(
 ) -> Response:
     """Answers the same for a new, pending, active or unsubscribed address."""
     html = wants_html(request)
+    state = request.app.state
+    limiter: SignupLimiter = state.limiter
+    client_ip = limiter.client_ip(
+        request.client.host if request.client else None,
+        request.headers.getlist("x-forwarded-for"),
+    )
+    retry_after = await limiter.retry_after(client_ip)
+    if retry_after is not None:
+        return _rate_limited(request, html, retry_after)
+    quality: AddressQuality = state.address_quality
+    challenge: ChallengeVerifier = state.challenge
     fields: dict[str, Any] = {}
     try:
         fields = await read_fields(request, settings.max_body_bytes)
         data = parse_signup(fields, settings)
+        issue = quality.check(data.address)
+        if issue is not None:
+            raise InvalidInput([issue])
+        await challenge.verify(fields, client_ip)
+        if botcheck.filled_too_fast(settings, fields):
+            data.honeypot = True  # answered like the honeypot: nothing stored or sent
         if settings.check_deliverability and not data.honeypot:
-            problem = await check_deliverable(data.address)
-            if problem is not None:
-                raise InvalidInput([problem])
-        consent = consent_from(request, "form" if html else "api")
+            issue = await quality.check_deliverable(data.address)
+            if issue is not None:
+                raise InvalidInput([issue])
+        consent = replace(consent_from(request, "form" if html else "api"), ip=client_ip)
         result = await signups.submit(data, consent)
     except InvalidInput as exc:
         if html:
             return await pages.signup_form_again(request, db, fields, exc)
+        raise
+    except ChallengeUnavailable as exc:
+        if html:
+            page = await pages.signup_form_again(
+                request, db, fields, InvalidInput([_challenge_down(exc)])
+            )
+            page.status_code = exc.status
+            return page
         raise
     if result.mail_queued:
         wake_worker(request)
@@ -96,3 +171,16 @@ async def confirm_subscription(token: str, request: Request, db: DbDep) -> Confi
         result = await subscriptions.confirm(session, token, consent_from(request, "api"))
     wake_worker(request)
     return ConfirmationOut(newsletters=[n.slug for n in result.newsletters])
+
+
+@router.get(
+    "/v1/form-token",
+    summary="A signed timestamp for a sign-up to carry as form_ts (minimum fill time)",
+)
+async def form_token(settings: SettingsDep) -> JSONResponse:
+    """Fetch it when the form is shown, send it with the sign-up; it proves nothing else."""
+    return JSONResponse(
+        {"form_ts": botcheck.form_token(settings)},
+        # Not a secret and no credential: any page may read it, nothing may cache it.
+        headers={"Access-Control-Allow-Origin": "*", "Cache-Control": "no-store"},
+    )

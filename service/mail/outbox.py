@@ -62,6 +62,7 @@ async def recent_mail(
 @dataclass
 class ClaimedMessage:
     id: int
+    kind: str
     template: str
     recipient: str | None
     payload: dict[str, Any] | None
@@ -99,6 +100,7 @@ async def claim(
         )
         .returning(
             OutboxMessage.id,
+            OutboxMessage.kind,
             OutboxMessage.template,
             OutboxMessage.recipient,
             OutboxMessage.payload,
@@ -130,6 +132,37 @@ async def mark_sent(
             )
             .execution_options(synchronize_session=False)
         )
+
+
+async def release(
+    session: AsyncSession,
+    owner: str,
+    message_ids: list[int],
+    now: datetime | None = None,
+    delay: timedelta = timedelta(0),
+    error: str | None = None,
+) -> None:
+    """Hand claimed messages back untried, the attempt not counted: due again after `delay`
+    (an unreachable server defers the rest of a batch without using up its attempts)."""
+    if not message_ids:
+        return
+    now = now or utcnow()
+    await session.execute(
+        update(OutboxMessage)
+        .where(
+            OutboxMessage.id.in_(message_ids),
+            OutboxMessage.lease_owner == owner,
+            OutboxMessage.status == OutboxStatus.sending.value,
+        )
+        .values(
+            status=OutboxStatus.queued.value,
+            leased_until=None,
+            next_attempt_at=now + delay,
+            attempts=OutboxMessage.attempts - 1,
+            last_error=error if error is not None else OutboxMessage.last_error,
+        )
+        .execution_options(synchronize_session=False)
+    )
 
 
 def backoff(attempts: int, base: float, maximum: float) -> timedelta:
@@ -169,3 +202,38 @@ async def status_counts(session: AsyncSession) -> dict[str, int]:
     counts = {s.value: 0 for s in OutboxStatus}
     counts.update({status: int(n) for status, n in rows.all()})
     return counts
+
+
+async def oldest_queued_age(session: AsyncSession, now: datetime | None = None) -> float:
+    """Seconds since the oldest still-queued message was written (0 when none is)."""
+    oldest = await session.scalar(
+        select(func.min(OutboxMessage.created_at)).where(
+            OutboxMessage.status == OutboxStatus.queued.value
+        )
+    )
+    if oldest is None:
+        return 0.0
+    if isinstance(oldest, str):  # SQLite's min() loses the column type
+        oldest = datetime.fromisoformat(oldest).replace(tzinfo=UTC)
+    return max(0.0, ((now or utcnow()) - oldest).total_seconds())
+
+
+async def retry_dead(
+    session: AsyncSession, message_ids: list[int] | None = None, now: datetime | None = None
+) -> int:
+    """Give dead messages (all, or these) a fresh set of attempts; return how many."""
+    query = (
+        update(OutboxMessage)
+        .where(OutboxMessage.status == OutboxStatus.dead.value)
+        .values(
+            status=OutboxStatus.queued.value,
+            attempts=0,
+            next_attempt_at=now or utcnow(),
+            leased_until=None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if message_ids:
+        query = query.where(OutboxMessage.id.in_(message_ids))
+    result = await session.execute(query)
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]

@@ -11,7 +11,7 @@ from urllib.parse import quote
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
-from service import tokens
+from service import i18n, tokens
 from service.config import Settings
 from service.models import Newsletter, utcnow
 
@@ -42,6 +42,11 @@ class Links:
         return f"mailto:{local or 'newsletter'}+unsubscribe-{token}@{domain}?subject=unsubscribe"
 
 
+def _one_line(value: str) -> str:
+    """Header text on one line, whatever a newsletter's name holds."""
+    return " ".join(value.split())
+
+
 class MailRenderer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -51,12 +56,16 @@ class MailRenderer:
             autoescape=False,  # noqa: S701 - plain-text parts are not HTML
             undefined=StrictUndefined,
             keep_trailing_newline=True,
+            trim_blocks=True,
+            lstrip_blocks=True,
         )
         self.html_env = Environment(
             loader=FileSystemLoader(settings.templates_dir / "mail"),
             autoescape=select_autoescape(default=True),
             undefined=StrictUndefined,
         )
+        i18n.install(self.text_env)
+        i18n.install(self.html_env)
 
     def render(
         self,
@@ -66,8 +75,13 @@ class MailRenderer:
         payload: dict[str, Any],
         message_id: str,
     ) -> EmailMessage:
-        """Build one message; every template gets the same, fully server-made context."""
+        """Build one message in the newsletter's language.
+
+        Every template gets the same, fully server-made context: nothing a sign-up typed (a
+        name, attributes) ever reaches a message, so the form cannot carry someone's words.
+        """
         first = newsletters[0]
+        language = i18n.supported(first.language) or i18n.DEFAULT_LANGUAGE
         public_id = str(payload["subscriber"])
         single = first.slug if len(newsletters) == 1 else None
         context: dict[str, Any] = {
@@ -78,20 +92,22 @@ class MailRenderer:
             "unsubscribe_url": self.links.unsubscribe(public_id, single),
             "confirm_url": self.links.confirm(payload["token"]) if "token" in payload else None,
             "base_url": self.settings.base_url,
+            "lang": language,
         }
         message = EmailMessage()
-        message["Subject"] = (
-            self.text_env.get_template(f"{template}.subject.txt").render(context).strip()
-        )
+        subject = self.text_env.get_template(f"{template}.subject.txt").render(context)
+        message["Subject"] = _one_line(subject)
         message["From"] = formataddr(
-            (first.from_name or first.name, first.from_email or self.settings.mail_from)
+            (_one_line(context["sender_name"]), first.from_email or self.settings.mail_from)
         )
         message["To"] = recipient
         if first.reply_to:
             message["Reply-To"] = first.reply_to
         message["Date"] = format_datetime(utcnow())
         message["Message-ID"] = message_id
-        message["List-Id"] = f"{first.name} <{first.slug}.{self.settings.site_domain}>"
+        message["List-Id"] = formataddr(
+            (_one_line(first.name), f"{first.slug}.{self.settings.site_domain}")
+        )
         message["Auto-Submitted"] = "auto-generated"
         if template != "confirmation":
             https = self.links.unsubscribe(public_id, single)
@@ -101,6 +117,7 @@ class MailRenderer:
         message.add_alternative(
             self.html_env.get_template(f"{template}.html").render(context), subtype="html"
         )
+        message["Content-Language"] = language  # after the body: set_content clears Content-*
         return message
 
     def message_id(self, outbox_id: int, created_at_ts: float) -> str:

@@ -1,4 +1,5 @@
-"""The delivery loop: claim a leased batch, render, send over one connection, record."""
+"""The delivery loop: claim a leased batch, send mail over one connection and call webhooks,
+record each outcome as it happens."""
 
 from __future__ import annotations
 
@@ -6,19 +7,38 @@ import asyncio
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
 
-from sqlalchemy import select
+import httpx
+from sqlalchemy import insert, select
 
+from service import purge, webhooks
 from service.config import Settings
 from service.db import Database
 from service.mail import outbox
+from service.mail.outbox import ClaimedMessage
 from service.mail.render import MailRenderer
 from service.mail.transports import DeliveryError, Transport, transport_for
-from service.models import Newsletter
+from service.models import Newsletter, WebhookDelivery, table, utcnow
+from service.observability import DELIVERIES
 
 log = logging.getLogger(__name__)
+
+# After this many transient failures in a row the server is taken to be down: the rest of
+# the batch waits for the next try instead of each message timing out on its own.
+OUTAGE_AFTER = 3
+PURGE_EVERY = 3600.0
+
+
+@dataclass
+class _Outcome:
+    failed: list[tuple[int, str, bool, int]] = field(default_factory=list)
+    untried: list[int] = field(default_factory=list)
+    deferred: list[ClaimedMessage] = field(default_factory=list)
 
 
 class DeliveryWorker:
@@ -34,25 +54,49 @@ class DeliveryWorker:
         self.transport_factory = transport_factory or (
             lambda: transport_for(settings.resolved_mail_url, settings.mail_timeout)
         )
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # lease_owner is 64 characters; a host name alone may be that long.
+        self.owner = f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.wakeup = asyncio.Event()
+        self.next_purge = 0.0
 
     async def run_once(self) -> int:
         """Deliver one batch; return how many messages were claimed."""
+        lease = self.settings.worker_lease
+        # Past the lease another worker may take the rows over: stop starting sends while one
+        # could still be running when the lease ends, and hand the rest back untried.
+        margin = min(timedelta(seconds=self.settings.mail_timeout), lease / 2)
+        send_until = time.monotonic() + (lease - margin).total_seconds()
         async with self.db.transaction() as session:
-            batch = await outbox.claim(
-                session, self.owner, self.settings.worker_batch_size, self.settings.worker_lease
-            )
-            if not batch:
-                return 0
+            batch = await outbox.claim(session, self.owner, self.settings.worker_batch_size, lease)
+        if not batch:
+            return 0
+        outcome = _Outcome()
+        emails = [m for m in batch if m.kind == "email"]
+        calls = [m for m in batch if m.kind == "webhook"]
+        if emails:
+            await self._send_mail(emails, send_until, outcome)
+        if calls:
+            await self._call_webhooks(calls, send_until, outcome)
+        await self._record_failures(outcome)
+        return len(batch)
+
+    async def _send_mail(
+        self, batch: list[ClaimedMessage], send_until: float, outcome: _Outcome
+    ) -> None:
+        async with self.db.transaction() as session:
             ids = {nid for m in batch if m.payload for nid in m.payload.get("newsletters", [])}
             rows = await session.scalars(select(Newsletter).where(Newsletter.id.in_(ids)))
             newsletters = {n.id: n for n in rows}
-
-        sent: list[tuple[int, str]] = []
-        failed: list[tuple[int, str, bool, int]] = []
+        transient_in_a_row = 0
         async with self.transport_factory() as transport:
-            for message in batch:
+            for index, message in enumerate(batch):
+                if time.monotonic() >= send_until:
+                    outcome.untried = [m.id for m in batch[index:]]
+                    log.warning("lease running out: %d messages handed back", len(batch) - index)
+                    break
+                if transient_in_a_row >= OUTAGE_AFTER:
+                    outcome.deferred = batch[index:]
+                    break
                 header_id = self.renderer.message_id(message.id, message.created_at.timestamp())
                 try:
                     payload = message.payload or {}
@@ -66,35 +110,107 @@ class DeliveryWorker:
                     )
                     await transport.send(email)
                 except DeliveryError as exc:
-                    failed.append((message.id, str(exc), exc.permanent, message.attempts))
+                    transient_in_a_row = 0 if exc.permanent else transient_in_a_row + 1
+                    outcome.failed.append((message.id, str(exc), exc.permanent, message.attempts))
                     continue
                 except Exception as exc:  # a template bug must not stall the queue
                     log.exception("rendering outbox message %s failed", message.id)
-                    failed.append((message.id, repr(exc), True, message.attempts))
+                    outcome.failed.append((message.id, repr(exc), True, message.attempts))
                     continue
-                sent.append((message.id, header_id))
+                transient_in_a_row = 0
+                # Recorded at once: a crash later in the batch must not send this one again.
+                async with self.db.transaction() as session:
+                    await outbox.mark_sent(session, self.owner, [(message.id, header_id)])
+                DELIVERIES.labels("email", "sent").inc()
 
+    async def _call_webhooks(
+        self, batch: list[ClaimedMessage], send_until: float, outcome: _Outcome
+    ) -> None:
+        wanted = [
+            webhooks.WebhookCall(m.id, int(m.payload["webhook_id"]), int(m.payload["event_id"]))
+            for m in batch
+            if m.payload
+        ]
         async with self.db.transaction() as session:
-            await outbox.mark_sent(session, self.owner, sent)
-            for message_id, error, permanent, attempts in failed:
-                give_up = permanent or attempts >= self.settings.worker_max_attempts
-                retry_in = (
-                    None
-                    if give_up
-                    else outbox.backoff(
-                        attempts,
-                        self.settings.worker_backoff_base,
-                        self.settings.worker_backoff_max,
+            bodies = await webhooks.load_calls(session, wanted)
+        timeout = httpx.Timeout(self.settings.webhook_timeout)
+        async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client:
+            for index, message in enumerate(batch):
+                if time.monotonic() >= send_until:
+                    outcome.untried = [*outcome.untried, *(m.id for m in batch[index:])]
+                    break
+                found = bodies.get(message.id)
+                if found is None:
+                    outcome.failed.append((message.id, "webhook or event gone", True, 0))
+                    continue
+                hook, body = found
+                result = await webhooks.call(client, hook, message.id, body)
+                event_id = int((message.payload or {}).get("event_id", 0))
+                async with self.db.transaction() as session:
+                    await session.execute(
+                        insert(table(WebhookDelivery)),
+                        [webhooks.log_row(hook.id, event_id, message.id, result, utcnow())],
                     )
+                    if result.ok:
+                        await outbox.mark_sent(
+                            session, self.owner, [(message.id, f"msg_{message.id}")]
+                        )
+                if result.ok:
+                    DELIVERIES.labels("webhook", "sent").inc()
+                else:
+                    error = (
+                        f"HTTP {result.status_code}: {result.error}"
+                        if result.status_code
+                        else (result.error or "failed")
+                    )
+                    outcome.failed.append((message.id, error, False, message.attempts))
+
+    async def _record_failures(self, outcome: _Outcome) -> None:
+        async with self.db.transaction() as session:
+            await outbox.release(session, self.owner, outcome.untried)
+            if outcome.deferred:
+                first = outcome.deferred[0]
+                await outbox.release(
+                    session,
+                    self.owner,
+                    [m.id for m in outcome.deferred],
+                    delay=self._retry_in(first.attempts),
+                    error="deferred: the mail server failed the messages before these",
                 )
+                log.warning("mail server unreachable: %d messages deferred", len(outcome.deferred))
+            for message_id, error, permanent, attempts in outcome.failed:
+                give_up = permanent or attempts >= self.settings.worker_max_attempts
+                retry_in = None if give_up else self._retry_in(attempts)
                 log.warning("delivery of outbox message %s failed: %s", message_id, error)
+                DELIVERIES.labels("any", "dead" if give_up else "retry").inc()
                 await outbox.mark_failed(session, self.owner, message_id, error, retry_in)
-        return len(batch)
+
+    def _retry_in(self, attempts: int) -> timedelta:
+        return outbox.backoff(
+            attempts, self.settings.worker_backoff_base, self.settings.worker_backoff_max
+        )
+
+    async def purge_if_due(self) -> None:
+        """Purge stale pending sign-ups, at most once an hour per worker (and, on
+        PostgreSQL, by one process at a time)."""
+        age = self.settings.purge_pending_after
+        if not age or time.monotonic() < self.next_purge:
+            return
+        self.next_purge = time.monotonic() + PURGE_EVERY
+        async with self.db.transaction() as session:
+            result = await purge.purge_pending(session, age)
+        if result and (result.subscriptions or result.subscribers):
+            log.info(
+                "purged %d pending subscriptions and %d subscribers",
+                result.subscriptions,
+                result.subscribers,
+            )
 
     async def run_forever(self, stop: asyncio.Event) -> None:
         """Deliver until `stop` is set; sleep on the wake-up event or the poll interval."""
         while not stop.is_set():
             try:
+                await self.purge_if_due()
                 claimed = await self.run_once()
             except Exception:
                 log.exception("delivery batch failed; retrying after the poll interval")

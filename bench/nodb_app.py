@@ -1,0 +1,50 @@
+"""The framework's ceiling: the sign-up endpoint's parsing and answer, with no database.
+
+Same body reading (service.api.bodies.read_fields), same field rules
+(service.signup_input.parse_signup), same error handlers and the same 202 answer as
+POST /v1/subscriptions; it stops where the real handler hands the sign-up to the database.
+Settings are read from app.state directly rather than through the service's plain-`def`
+dependencies, which FastAPI runs in its thread pool: a thread hop per dependency per request
+is the service's cost, not the framework's, so it is left out of the ceiling.
+
+    uvicorn bench.nodb_app:create_app --factory
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from service.api.bodies import read_fields, wants_html
+from service.api.deps import consent_from
+from service.api.schemas import SIGNUP_BODY, SIGNUP_RESPONSES, THANK_YOU, SignupAccepted
+from service.config import Settings
+from service.errors import install_error_handlers
+from service.signup_input import parse_signup
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(title="Sign-up endpoint without a database (benchmark baseline)")
+    app.state.settings = Settings()
+    install_error_handlers(app)
+
+    @app.post(
+        "/v1/subscriptions",
+        status_code=202,
+        response_model=SignupAccepted,
+        responses=SIGNUP_RESPONSES,
+        openapi_extra=SIGNUP_BODY,
+    )
+    async def create_subscription(request: Request) -> Response:
+        settings: Settings = request.app.state.settings
+        wants_html(request)
+        fields = await read_fields(request, settings.max_body_bytes)
+        parse_signup(fields, settings)
+        consent_from(request, "api")
+        return JSONResponse({"status": "pending", "message": THANK_YOU}, status_code=202)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app

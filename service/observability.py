@@ -1,0 +1,118 @@
+"""Metrics (Prometheus), JSON logs with a request id, and the middleware that ties them."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+SIGNUPS = Counter(
+    "newsletter_signups_total", "Sign-up requests by outcome.", ["outcome"], registry=REGISTRY
+)
+CONFIRMATIONS = Counter(
+    "newsletter_confirmations_total",
+    "Confirmations that activated subscriptions.",
+    registry=REGISTRY,
+)
+UNSUBSCRIBES = Counter(
+    "newsletter_unsubscribes_total", "Subscriptions ended by readers.", registry=REGISTRY
+)
+DELIVERIES = Counter(
+    "newsletter_deliveries_total",
+    "Outbox deliveries by kind and result.",
+    ["kind", "result"],
+    registry=REGISTRY,
+)
+LATENCY = Histogram(
+    "newsletter_http_request_duration_seconds",
+    "HTTP request latency.",
+    ["method", "route", "status"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+    registry=REGISTRY,
+)
+
+ADDRESS = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class RequestMetrics:
+    """Pure ASGI middleware: a request id for every request (kept from X-Request-ID when
+    sane), echoed in the answer, put on every log line, and the latency by route."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
+        rid = given if REQUEST_ID.match(given) else uuid.uuid4().hex
+        token = request_id.set(rid)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            route = scope.get("route")
+            # The route template, never the raw path: tokens must not become label values.
+            template = getattr(route, "path", "unmatched")
+            LATENCY.labels(scope["method"], template, str(status)).observe(
+                time.perf_counter() - started
+            )
+            request_id.reset(token)
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line; addresses are masked unless debug logging is on."""
+
+    def __init__(self, show_addresses: bool = False) -> None:
+        super().__init__()
+        self.show_addresses = show_addresses
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + self.formatException(record.exc_info)
+        if not self.show_addresses:
+            message = ADDRESS.sub("<address>", message)
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": message,
+            "request_id": request_id.get(),
+        }
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(level: str = "info", json_logs: bool = True) -> None:
+    handler = logging.StreamHandler()
+    debug = level.lower() == "debug"
+    if json_logs:
+        handler.setFormatter(JSONFormatter(show_addresses=debug))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True

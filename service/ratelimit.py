@@ -1,0 +1,271 @@
+"""Per-client rate limits on sign-ups, counted by the `limits` library (fixed windows).
+
+Where the counters live (docs/abuse.md has the measurements behind this choice):
+- Redis, when REDIS_URL is set: one count shared by every API process and host.
+- In memory, for SQLite without Redis: the embedded default is one process, so memory is exact,
+  and a database write per request would queue behind the sign-up batches on SQLite's single
+  writer.
+- A table (`rate_limit_windows`), for PostgreSQL without Redis: one upsert per limit per
+  request, each its own autocommit statement on an UNLOGGED table, so several API processes
+  share the count without Redis.
+
+The client is the direct peer, or, when that peer is a trusted proxy, the right-most address of
+X-Forwarded-For that is not a trusted proxy. IPv6 clients count per /64: one host usually has a
+whole /64 to pick addresses from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import math
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from limits import RateLimitItem, parse_many
+from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.strategies import FixedWindowRateLimiter
+from limits.errors import StorageError
+from sqlalchemy import case, delete, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.config import Settings
+from service.db import Database
+from service.models import RateLimitWindow, table
+
+log = logging.getLogger(__name__)
+
+RATE_LIMITED = "Too many attempts. Please try again later."
+SIGNUP_SCOPE = "signup"
+# Expired windows are deleted by the first request after this many seconds.
+SWEEP_INTERVAL = 60.0
+# A storage outage is logged at most this often: the limiter lets sign-ups through meanwhile.
+OUTAGE_LOG_INTERVAL = 60.0
+# A storage that does not answer in this time is treated as down (the sign-up goes through).
+STORAGE_TIMEOUT = 2.0
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_windows = table(RateLimitWindow)
+
+
+def parse_networks(values: Iterable[str]) -> tuple[Network, ...]:
+    """The trusted proxies setting as networks; a bare address is a /32 or /128."""
+    return tuple(ipaddress.ip_network(value.strip(), strict=False) for value in values)
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    text = text.strip()
+    if text.startswith("[") and "]" in text:  # "[2001:db8::1]:443"
+        text = text[1 : text.index("]")]
+    elif text.count(":") == 1:  # "198.51.100.7:443"
+        text = text.split(":", 1)[0]
+    try:
+        found = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(found, ipaddress.IPv6Address) and found.ipv4_mapped is not None:
+        return found.ipv4_mapped
+    return found
+
+
+def _trusted(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address, nets: Sequence[Network]
+) -> bool:
+    return any(address.version == net.version and address in net for net in nets)
+
+
+def client_ip(
+    peer: str | None, forwarded_for: Sequence[str], trusted: Sequence[Network]
+) -> str | None:
+    """The client's address: the peer, unless the peer is a trusted proxy.
+
+    Behind trusted proxies the client is the right-most X-Forwarded-For entry that is not a
+    trusted proxy itself; everything left of it was written by the client and proves nothing.
+    """
+    if peer is None:
+        return None
+    current = _address(peer)
+    if current is None or not trusted or not _trusted(current, trusted):
+        return str(current) if current is not None else peer
+    hops = [hop for header in forwarded_for for hop in header.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        found = _address(hop)
+        if found is None:
+            break  # garbage: the last proxy we trust is as far as we can see
+        current = found
+        if not _trusted(found, trusted):
+            break
+    return str(current)
+
+
+def limit_key(ip: str) -> str:
+    """What one client's counter is keyed by: the address, or its /64 for IPv6."""
+    found = _address(ip)
+    if isinstance(found, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((found, 64), strict=False))
+    return str(found) if found is not None else ip
+
+
+class DatabaseStorage(Storage):
+    """Fixed-window counters in the `rate_limit_windows` table, for `limits`' fixed window.
+
+    Each increment is one upsert that starts a new window when the old one has expired and
+    returns the count, in autocommit: it never waits for, or holds up, a sign-up transaction.
+    """
+
+    STORAGE_SCHEME = None
+    DEPENDENCIES: list[str] = []
+
+    def __init__(self, db: Database, wrap_exceptions: bool = True) -> None:
+        super().__init__(None, wrap_exceptions=wrap_exceptions)
+        engine: AsyncEngine = db.engine
+        self.postgresql = engine.dialect.name == "postgresql"
+        # SQLite keeps its BEGIN IMMEDIATE transactions (service.db); PostgreSQL needs none.
+        self.engine = (
+            engine.execution_options(isolation_level="AUTOCOMMIT") if self.postgresql else engine
+        )
+        self.insert: Any = postgresql.insert if self.postgresql else sqlite.insert
+        self.swept_at = time.monotonic()
+
+    @property
+    def base_exceptions(self) -> type[Exception] | tuple[type[Exception], ...]:
+        return SQLAlchemyError
+
+    async def incr(self, key: str, expiry: int, amount: int = 1) -> int:
+        now = time.time()
+        stmt = self.insert(_windows).values(key=key, hits=amount, expires_at=now + expiry)
+        expired = _windows.c.expires_at <= now
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[_windows.c.key],
+            set_={
+                "hits": case(
+                    (expired, stmt.excluded.hits), else_=_windows.c.hits + stmt.excluded.hits
+                ),
+                "expires_at": case(
+                    (expired, stmt.excluded.expires_at), else_=_windows.c.expires_at
+                ),
+            },
+        ).returning(_windows.c.hits)
+        async with self.engine.begin() as conn:
+            hits = int((await conn.execute(stmt)).scalar_one())
+        if time.monotonic() - self.swept_at > SWEEP_INTERVAL:
+            self.swept_at = time.monotonic()
+            await self._sweep(now)
+        return hits
+
+    async def _sweep(self, now: float) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(delete(_windows).where(_windows.c.expires_at <= now))
+
+    async def _window(self, key: str) -> tuple[int, float]:
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(_windows.c.hits, _windows.c.expires_at).where(_windows.c.key == key)
+                )
+            ).first()
+        if row is None or row.expires_at <= time.time():
+            return 0, time.time()
+        return int(row.hits), float(row.expires_at)
+
+    async def get(self, key: str) -> int:
+        return (await self._window(key))[0]
+
+    async def get_expiry(self, key: str) -> float:
+        return (await self._window(key))[1]
+
+    async def check(self) -> bool:
+        try:
+            await self._window("health")
+        except SQLAlchemyError:
+            return False
+        return True
+
+    async def reset(self) -> int | None:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(delete(_windows))
+        return int(result.rowcount)
+
+    async def clear(self, key: str) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(delete(_windows).where(_windows.c.key == key))
+
+
+def storage_kind(settings: Settings) -> str:
+    """Which storage `auto` means for these settings (see the module docstring)."""
+    if settings.rate_limit_storage != "auto":
+        return settings.rate_limit_storage
+    if settings.redis_url:
+        return "redis"
+    return "memory" if settings.is_sqlite else "database"
+
+
+def _redis_uri(url: str) -> str:
+    return url if url.startswith("async+") else "async+" + url
+
+
+class SignupLimiter:
+    """The per-client limits of POST /v1/subscriptions."""
+
+    def __init__(self, settings: Settings, db: Database) -> None:
+        self.items: list[RateLimitItem] = (
+            parse_many(settings.signup_rate_limit) if settings.signup_rate_limit else []
+        )
+        self.trusted = parse_networks(settings.trusted_proxies)
+        self.kind = storage_kind(settings) if self.items else "off"
+        self.storage: Storage | None = None
+        if self.kind == "redis":
+            if not settings.redis_url:
+                raise ValueError("NEWSLETTER_RATE_LIMIT_STORAGE=redis needs NEWSLETTER_REDIS_URL")
+            self.storage = RedisStorage(
+                _redis_uri(settings.redis_url),
+                wrap_exceptions=True,
+                key_prefix=settings.rate_limit_key_prefix,
+            )
+        elif self.kind == "database":
+            self.storage = DatabaseStorage(db)
+        elif self.kind == "memory":
+            self.storage = MemoryStorage(wrap_exceptions=True)
+        self.limiter = FixedWindowRateLimiter(self.storage) if self.storage is not None else None
+        self._outage_logged_at = -math.inf
+
+    def client_ip(self, peer: str | None, forwarded_for: Sequence[str]) -> str | None:
+        return client_ip(peer, forwarded_for, self.trusted)
+
+    async def retry_after(self, ip: str | None) -> int | None:
+        """Count one sign-up of this client; None if allowed, else seconds until it may retry.
+
+        A storage outage lets the sign-up through (and is logged): the limiter guards the
+        service, it must not become the reason the service is down.
+        """
+        if self.limiter is None or ip is None:
+            return None
+        key = limit_key(ip)
+        try:
+            async with asyncio.timeout(STORAGE_TIMEOUT):
+                for item in self.items:
+                    if not await self.limiter.hit(item, SIGNUP_SCOPE, key):
+                        stats = await self.limiter.get_window_stats(item, SIGNUP_SCOPE, key)
+                        return max(1, math.ceil(stats.reset_time - time.time()))
+        except (StorageError, OSError, TimeoutError) as exc:
+            if time.monotonic() - self._outage_logged_at > OUTAGE_LOG_INTERVAL:
+                self._outage_logged_at = time.monotonic()
+                cause = exc.storage_error if isinstance(exc, StorageError) else exc
+                log.warning("rate-limit storage (%s) failed, not limiting: %r", self.kind, cause)
+        return None
+
+    async def close(self) -> None:
+        if isinstance(self.storage, MemoryStorage):
+            timer = self.storage.timer
+            if timer is not None and not timer.done():
+                timer.cancel()
+                await asyncio.gather(timer, return_exceptions=True)
+        elif isinstance(self.storage, RedisStorage):
+            client: Any = getattr(self.storage.bridge, "storage", None)
+            pool = getattr(client, "connection_pool", None)
+            if pool is not None:
+                pool.disconnect()

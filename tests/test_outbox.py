@@ -1,0 +1,492 @@
+"""The outbox under failure: SMTP outages and refusals, leases, killed workers, rivals."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+from fastapi import FastAPI
+from sqlalchemy import select
+
+from service.config import Settings
+from service.db import Database
+from service.mail import outbox
+from service.mail.worker import DeliveryWorker
+from service.models import OutboxMessage, utcnow
+from tests.conftest import (
+    SMTPServer,
+    SMTPSink,
+    deliver,
+    free_port,
+    make_newsletter,
+    start_smtp,
+)
+
+if TYPE_CHECKING:
+    from tests.conftest import TestDatabase
+
+NEWSLETTER = str(Path(sys.executable).with_name("newsletter"))
+
+
+# ---------------------------------------------------------------- helpers
+
+
+@dataclass
+class CountingSink(SMTPSink):
+    """Counts SMTP sessions: aiosmtplib greets with EHLO once per connection."""
+
+    greetings: int = 0
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: Any
+    ) -> Any:
+        self.greetings += 1
+        session.host_name = hostname
+        return responses
+
+
+@dataclass
+class StallingSink(SMTPSink):
+    """Accepts `stall_after` messages, then holds the next DATA until `release` is set and
+    answers it with a 4xx (nothing stored). One-shot: later messages are accepted again."""
+
+    stall_after: int | None = None
+    stalled: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.stall_after is not None and len(self.received) >= self.stall_after:
+            self.stall_after = None
+            self.stalled.set()
+            # Ends when released, or is cancelled when the client's connection drops.
+            for _ in range(1200):
+                if self.release.is_set():
+                    break
+                await asyncio.sleep(0.05)
+            return "451 try later"
+        return await super().handle_DATA(server, session, envelope)
+
+
+@contextlib.contextmanager
+def own_smtp(sink: SMTPSink | None = None) -> Iterator[SMTPServer]:
+    """A dedicated SMTP server a test may stop, start or slow down without touching others."""
+    if sink is None:
+        server = start_smtp()
+    else:
+        port = free_port()
+        controller = Controller(sink, hostname="127.0.0.1", port=port)
+        controller.start()
+        server = SMTPServer(sink, port, controller)
+    try:
+        yield server
+    finally:
+        if isinstance(server.sink, StallingSink):
+            server.sink.release.set()
+        with contextlib.suppress(AssertionError):  # already stopped
+            server.stop()
+
+
+def recipients(sink: SMTPSink) -> Counter[str]:
+    return Counter(rcpt for mail in sink.received for rcpt in mail.rcpt_tos)
+
+
+async def signup(client: httpx.AsyncClient, email: str, newsletter: str = "weekly") -> None:
+    answer = await client.post(
+        "/v1/subscriptions", json={"email": email, "newsletters": [newsletter]}
+    )
+    assert answer.status_code in (200, 202), answer.text
+
+
+async def signup_many(app: FastAPI, emails: list[str], newsletter: str = "weekly") -> None:
+    """Sign-ups through the HTTP API, each from its own client address."""
+    for i, email in enumerate(emails):
+        ip = f"198.18.{i // 250}.{i % 250 + 1}"
+        transport = httpx.ASGITransport(app=app, client=(ip, 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+            await signup(http, email, newsletter)
+
+
+async def rows(db: Database) -> list[OutboxMessage]:
+    async with db.transaction() as session:
+        return list(await session.scalars(select(OutboxMessage).order_by(OutboxMessage.id)))
+
+
+async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"gave up waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def is_set(event: threading.Event) -> bool:
+    return event.is_set()
+
+
+def addresses(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}{i}@example.com" for i in range(n)]
+
+
+# ---------------------------------------------------------------- SMTP outages and answers
+
+
+async def test_smtp_outage_loses_nothing_and_sends_nothing_twice(
+    app: FastAPI, db: Database, settings: Settings
+) -> None:
+    await make_newsletter(db, "weekly")
+    emails = addresses("outage", 5)
+    await signup_many(app, emails)
+
+    with own_smtp() as server:
+        worker = DeliveryWorker(db, settings.model_copy(update={"mail_url": server.url}))
+        server.stop()
+        assert await worker.run_once() == 5
+        assert server.sink.received == []
+        queued = await rows(db)
+        # After three failures in a row the server counts as down: the rest of the batch is
+        # deferred without spending an attempt.
+        assert [(r.status, r.attempts) for r in queued] == [("queued", 1)] * 3 + [("queued", 0)] * 2
+        assert all(r.last_error for r in queued)
+        assert all(r.payload for r in queued)  # the body waits for the next attempt
+
+        server.start()
+        assert await deliver(worker) == 5
+        assert recipients(server.sink) == dict.fromkeys(emails, 1)
+        assert all("/confirm/" in mail.text() for mail in server.sink.received)
+
+        assert await deliver(worker) == 0
+        assert len(server.sink.received) == 5
+        assert {r.status for r in await rows(db)} == {"sent"}
+
+
+async def test_temporary_refusal_is_retried_and_delivered_once(
+    app: FastAPI, db: Database, smtp: SMTPServer, worker: DeliveryWorker
+) -> None:
+    await make_newsletter(db, "weekly")
+    await signup_many(app, ["later@example.com"])
+
+    smtp.sink.fail_with = "451 try later"
+    assert await worker.run_once() == 1
+    [row] = await rows(db)
+    assert (row.status, row.attempts) == ("queued", 1)
+    assert row.last_error is not None and "451" in row.last_error
+    assert smtp.sink.received == []
+
+    smtp.sink.fail_with = None
+    assert await deliver(worker) == 1
+    assert recipients(smtp.sink) == {"later@example.com": 1}
+    [row] = await rows(db)
+    assert (row.status, row.attempts, row.last_error) == ("sent", 2, None)
+
+
+async def test_permanent_refusal_is_dead_and_not_retried(
+    app: FastAPI, db: Database, smtp: SMTPServer, worker: DeliveryWorker
+) -> None:
+    await make_newsletter(db, "weekly")
+    await signup_many(app, ["nobody@example.com"])
+
+    smtp.sink.fail_with = "550 no such user"
+    assert await deliver(worker) == 1
+    [row] = await rows(db)
+    assert (row.status, row.attempts) == ("dead", 1)
+    assert row.last_error is not None and "550" in row.last_error
+
+    smtp.sink.fail_with = None
+    assert await deliver(worker) == 0
+    assert smtp.sink.received == []
+    [row] = await rows(db)
+    assert row.status == "dead"
+
+
+async def test_message_is_dead_after_max_attempts(
+    app: FastAPI, db: Database, smtp: SMTPServer, settings: Settings
+) -> None:
+    await make_newsletter(db, "weekly")
+    await signup_many(app, ["flaky@example.com"])
+    worker = DeliveryWorker(db, settings.model_copy(update={"worker_max_attempts": 2}))
+
+    smtp.sink.fail_with = "451 try later"
+    assert await worker.run_once() == 1
+    assert [(r.status, r.attempts) for r in await rows(db)] == [("queued", 1)]
+    assert await worker.run_once() == 1
+    [row] = await rows(db)
+    assert (row.status, row.attempts) == ("dead", 2)
+    assert row.last_error is not None and "451" in row.last_error
+
+    smtp.sink.fail_with = None
+    assert await deliver(worker) == 0
+    assert smtp.sink.received == []
+
+
+async def test_delivered_row_is_scrubbed_and_keeps_its_metadata(
+    app: FastAPI, db: Database, smtp: SMTPServer, worker: DeliveryWorker
+) -> None:
+    await make_newsletter(db, "weekly")
+    await signup_many(app, ["scrub@example.com"])
+    [queued] = await rows(db)
+    assert queued.payload and "token" in queued.payload
+
+    assert await deliver(worker) == 1
+    [mail] = smtp.sink.received
+    [row] = await rows(db)
+    assert row.status == "sent"
+    assert row.payload is None
+    assert row.message_id == mail.message["Message-ID"]
+    assert row.sent_at is not None and row.sent_at >= row.created_at
+    assert (row.recipient, row.template, row.leased_until) == (
+        "scrub@example.com",
+        "confirmation",
+        None,
+    )
+
+
+# ---------------------------------------------------------------- leases
+
+
+async def test_live_lease_of_another_worker_is_respected(
+    app: FastAPI, db: Database, smtp: SMTPServer, worker: DeliveryWorker
+) -> None:
+    await make_newsletter(db, "weekly")
+    await signup_many(app, addresses("lease", 3))
+
+    async with db.transaction() as session:
+        dead = await outbox.claim(session, "dead-worker", 100, timedelta(minutes=10))
+    assert len(dead) == 3
+
+    assert await worker.run_once() == 0
+    assert smtp.sink.received == []
+    assert {(r.status, r.lease_owner) for r in await rows(db)} == {("sending", "dead-worker")}
+
+    # Once the lease has run out, another worker takes the rows over...
+    later = utcnow() + timedelta(minutes=11)
+    async with db.transaction() as session:
+        rescued = await outbox.claim(session, "rescuer", 100, timedelta(minutes=10), now=later)
+    assert sorted(m.id for m in rescued) == sorted(m.id for m in dead)
+    assert {m.attempts for m in rescued} == {2}
+
+    # ...and the late answers of the dead owner change nothing.
+    async with db.transaction() as session:
+        await outbox.mark_sent(session, "dead-worker", [(m.id, "<late@x>") for m in dead])
+        await outbox.mark_failed(session, "dead-worker", dead[0].id, "late", None)
+    after = await rows(db)
+    assert {(r.status, r.lease_owner, r.message_id) for r in after} == {
+        ("sending", "rescuer", None)
+    }
+    assert all(r.payload for r in after)
+
+
+async def test_expired_lease_is_taken_over_and_delivered_once(
+    app: FastAPI, db: Database, smtp: SMTPServer, worker: DeliveryWorker
+) -> None:
+    await make_newsletter(db, "weekly")
+    emails = addresses("expired", 3)
+    await signup_many(app, emails)
+
+    async with db.transaction() as session:
+        dead = await outbox.claim(session, "dead-worker", 100, timedelta(0))
+    assert len(dead) == 3
+
+    assert await deliver(worker) == 3
+    assert recipients(smtp.sink) == dict.fromkeys(emails, 1)
+
+    async with db.transaction() as session:
+        await outbox.mark_failed(session, "dead-worker", dead[0].id, "late", None)
+        await outbox.mark_sent(session, "dead-worker", [(m.id, "<late@x>") for m in dead])
+    after = await rows(db)
+    assert {(r.status, r.lease_owner) for r in after} == {("sent", worker.owner)}
+    assert all(r.message_id != "<late@x>" and r.last_error is None for r in after)
+
+
+async def test_worker_whose_lease_ran_out_stops_sending(
+    app: FastAPI, db: Database, settings: Settings
+) -> None:
+    """A live but slow worker must not go on sending rows that another worker took over."""
+    await make_newsletter(db, "weekly")
+    emails = addresses("slow", 6)
+    await signup_many(app, emails)
+
+    sink = StallingSink(stall_after=0)
+    with own_smtp(sink) as server:
+        fast = settings.model_copy(
+            update={"mail_url": server.url, "worker_lease": timedelta(seconds=4)}
+        )
+        slow_worker = DeliveryWorker(db, fast)
+        other_db = Database(fast)
+        try:
+            other = DeliveryWorker(other_db, fast)
+            slow = asyncio.create_task(slow_worker.run_once())
+            await wait_until(lambda: is_set(sink.stalled), 30, "the stall")
+
+            # The slow worker's lease runs out while its first message hangs; the other one
+            # takes the batch over and delivers all of it.
+            async def taken_over() -> bool:
+                return await other.run_once() > 0
+
+            await wait_until(taken_over, 30, "the lease to run out")
+            await deliver(other)
+            assert recipients(sink) == dict.fromkeys(emails, 1)
+
+            sink.release.set()
+            await asyncio.wait_for(slow, 30)
+        finally:
+            await other_db.dispose()
+
+        assert recipients(sink) == dict.fromkeys(emails, 1)
+        assert {(r.status, r.lease_owner) for r in await rows(db)} == {("sent", other.owner)}
+
+
+async def test_batch_left_when_lease_runs_short_is_handed_back_untried(
+    app: FastAPI, db: Database, settings: Settings
+) -> None:
+    await make_newsletter(db, "weekly")
+    emails = addresses("handback", 4)
+    await signup_many(app, emails)
+
+    sink = StallingSink(stall_after=0)
+    with own_smtp(sink) as server:
+        short = settings.model_copy(
+            update={"mail_url": server.url, "worker_lease": timedelta(seconds=4)}
+        )
+        worker = DeliveryWorker(db, short)
+        task = asyncio.create_task(worker.run_once())
+        await wait_until(lambda: is_set(sink.stalled), 30, "the stall")
+        # Hold the first message past the point where the lease leaves no room to send.
+        await asyncio.sleep(2.2)
+        sink.release.set()
+        assert await asyncio.wait_for(task, 30) == 4
+
+        assert sink.received == []
+        after = await rows(db)
+        assert [(r.status, r.attempts) for r in after] == [("queued", 1)] + [("queued", 0)] * 3
+        assert after[0].last_error is not None and "451" in after[0].last_error
+
+        assert await deliver(worker) == 4
+        assert recipients(sink) == dict.fromkeys(emails, 1)
+
+
+# ---------------------------------------------------------------- a real process, killed
+
+
+def worker_env(settings: Settings, database: TestDatabase, mail_url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
+    env.update(
+        NEWSLETTER_DATA_DIR=str(settings.data_dir),
+        NEWSLETTER_DATABASE_URL=database.url,
+        NEWSLETTER_MAIL_URL=mail_url,
+        NEWSLETTER_MAIL_FROM=settings.mail_from,
+        NEWSLETTER_BASE_URL=settings.base_url,
+        NEWSLETTER_SECRET_KEYS=",".join(settings.secret_keys),
+        NEWSLETTER_WORKER_LEASE="3",
+        NEWSLETTER_WORKER_POLL_INTERVAL="0.2",
+        NEWSLETTER_WORKER_BACKOFF_BASE="0",
+        NEWSLETTER_MAIL_TIMEOUT="60",
+    )
+    return env
+
+
+async def test_killed_worker_process_loses_nothing_and_sends_nothing_twice(
+    app: FastAPI,
+    db: Database,
+    settings: Settings,
+    test_database: TestDatabase,
+    tmp_path: Path,
+) -> None:
+    await make_newsletter(db, "weekly")
+    emails = addresses("killed", 8)
+    await signup_many(app, emails)
+
+    # The server takes three messages, then hangs on the fourth: the process is killed there.
+    sink = StallingSink(stall_after=3)
+    with own_smtp(sink) as server:
+        log_path = tmp_path / "worker.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [NEWSLETTER, "worker"],
+                env=worker_env(settings, test_database, server.url),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+
+            async def stalled() -> bool:
+                assert process.poll() is None, log_path.read_text()
+                return sink.stalled.is_set()
+
+            await wait_until(stalled, 60, "the worker process to reach the stalled server")
+            assert "sending" in {r.status for r in await rows(db)}
+            process.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(process.wait, 10)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+        assert process.returncode == -signal.SIGKILL
+        assert recipients(sink) == dict.fromkeys(emails[:3], 1)
+
+        # Another worker picks up what the dead one held once its lease has run out.
+        worker = DeliveryWorker(db, settings.model_copy(update={"mail_url": server.url}))
+
+        async def all_sent() -> bool:
+            await deliver(worker)
+            return {r.status for r in await rows(db)} == {"sent"}
+
+        await wait_until(all_sent, 60, "every message to be sent")
+        assert recipients(sink) == dict.fromkeys(emails, 1)
+
+
+# ---------------------------------------------------------------- rivals and reuse
+
+
+async def test_two_workers_deliver_each_message_exactly_once(
+    app: FastAPI, db: Database, smtp: SMTPServer, settings: Settings, test_database: TestDatabase
+) -> None:
+    if test_database.backend != "postgresql":
+        pytest.skip("several workers at once is the PostgreSQL deployment")
+    await make_newsletter(db, "weekly")
+    emails = addresses("rival", 300)
+    await signup_many(app, emails)
+
+    tuned = settings.model_copy(update={"worker_batch_size": 50})
+    databases = [Database(tuned), Database(tuned)]
+    try:
+        workers = [DeliveryWorker(database, tuned) for database in databases]
+        assert workers[0].owner != workers[1].owner
+        claimed = await asyncio.gather(*(deliver(w) for w in workers))
+    finally:
+        for database in databases:
+            await database.dispose()
+
+    assert sum(claimed) == 300
+    assert all(n > 0 for n in claimed), claimed  # both really took part
+    assert recipients(smtp.sink) == dict.fromkeys(emails, 1)
+    assert {r.status for r in await rows(db)} == {"sent"}
+
+
+async def test_one_batch_uses_one_smtp_connection(
+    app: FastAPI, db: Database, settings: Settings
+) -> None:
+    await make_newsletter(db, "weekly")
+    emails = addresses("reuse", 50)
+    await signup_many(app, emails)
+
+    sink = CountingSink()
+    with own_smtp(sink) as server:
+        worker = DeliveryWorker(db, settings.model_copy(update={"mail_url": server.url}))
+        assert await worker.run_once() == 50
+        assert recipients(sink) == dict.fromkeys(emails, 1)
+        assert sink.greetings == 1
