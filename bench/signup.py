@@ -47,6 +47,9 @@ BACKENDS = ("sqlite", "postgresql", "nodb")
 # backend: (minimum share of the no-database endpoint's req/s, p99 ceiling in ms)
 TARGETS = {"postgresql": (0.50, 25.0), "sqlite": (0.35, 50.0)}
 SIGNUP = {"email": "probe@example.com", "newsletters": [harness.NEWSLETTER]}
+# The per-client limit would refuse a load test from one address after a few dozen sign-ups.
+# Two limits, like the default, raised out of reach: the limiter's work stays in the figures.
+RATE_LIMIT = "1000000/minute;10000000/hour"
 
 
 @dataclass
@@ -190,25 +193,31 @@ def server_env(database_url: str, workdir: Path, mail_url: str | None) -> dict[s
         NEWSLETTER_SECRET_KEYS=harness.SECRET_KEY,
         NEWSLETTER_DATA_DIR=str(workdir),
         NEWSLETTER_RUN_WORKER="true" if mail_url else "false",
+        NEWSLETTER_SIGNUP_RATE_LIMIT=RATE_LIMIT,
     )
     if mail_url:
         env["NEWSLETTER_MAIL_URL"] = mail_url
     return env
 
 
-def probe(base_url: str) -> None:
-    """One sign-up before the load: a wrong setup fails here, not as a column of non-2xx."""
+def post_signup(base_url: str, email: str) -> tuple[int, bytes]:
+    body = {**SIGNUP, "email": email}
     request = urllib.request.Request(
         f"{base_url}/v1/subscriptions",
-        data=json.dumps(SIGNUP).encode(),
+        data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json", "Accept": "application/json"},
         method="POST",
     )
     try:
         with urllib.request.urlopen(request, timeout=10) as answer:
-            status, body = answer.status, answer.read()
+            return answer.status, answer.read()
     except urllib.error.HTTPError as exc:
-        status, body = exc.code, exc.read()
+        return exc.code, exc.read()
+
+
+def probe(base_url: str) -> None:
+    """One sign-up before the load: a wrong setup fails here, not as a column of non-2xx."""
+    status, body = post_signup(base_url, "probe@example.com")
     if status != 202 or json.loads(body).get("status") != "pending":
         raise RuntimeError(f"probe sign-up answered {status}: {body[:300]!r}")
 
@@ -269,6 +278,9 @@ def bench_backend(backend: str, args: argparse.Namespace) -> BackendResult:
             cpu_before = server.cpu_seconds()
             run = run_wrk(server.base_url, args, args.duration)
             cpu_after = server.cpu_seconds()
+            if run.non2xx or warmup.non2xx:
+                status, body = post_signup(server.base_url, "after@example.com")
+                print(f"  non-2xx answers! One more sign-up now answers {status}: {body[:300]!r}")
         result = BackendResult(backend, run, warmup, load_after=harness.load_average())
         if cpu_before is not None and cpu_after is not None:
             result.server_cpu = (cpu_after - cpu_before) / run.seconds
@@ -337,10 +349,11 @@ def print_targets(results: list[BackendResult]) -> None:
             continue
         share, p99 = TARGETS[r.backend]
         got = r.run.rps / nodb
-        met = got >= share and r.run.p99_ms < p99
+        met = got >= share and r.run.p99_ms < p99 and not r.run.non2xx
         print(
             f"  {r.backend:<11} >= {share:.0%} of nodb and p99 < {p99:g} ms: "
             f"{got:.0%}, p99 {r.run.p99_ms:.1f} ms -> {'met' if met else 'NOT met'}"
+            + (f" (invalid: {r.run.non2xx} non-2xx answers)" if r.run.non2xx else "")
         )
 
 
@@ -417,8 +430,9 @@ def main() -> int:
         f"{args.duration:g} s measured; delivery worker {worker}. wrk shares the cores with "
         "the server."
     )
+    print(f"Server environment: NEWSLETTER_SIGNUP_RATE_LIMIT={RATE_LIMIT} (out of reach)")
     if args.server_env:
-        print(f"Server environment: {' '.join(f'{k}={v}' for k, v in args.server_env.items())}")
+        print(f"  and: {' '.join(f'{k}={v}' for k, v in args.server_env.items())}")
     results = [bench_backend(backend, args) for backend in args.backends]
     print_table(results)
     print_checks(results, args)

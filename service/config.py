@@ -38,41 +38,74 @@ class Settings(BaseSettings):
         default="", description="smtp://, smtps:// or maildir:///path; empty = Maildir in data_dir."
     )
     mail_from: str = Field(default="newsletter@localhost", description="Default sender address.")
-    mail_timeout: float = 30.0
-    check_deliverability: bool = False
-    confirmation_ttl: timedelta = Field(default=timedelta(days=7))
+    mail_timeout: float = Field(default=30.0, description="Seconds an SMTP exchange may take.")
+    check_deliverability: bool = Field(
+        default=False, description="Check the address's domain has MX (or A) records."
+    )
+    confirmation_ttl: timedelta = Field(
+        default=timedelta(days=7),
+        description="How long a confirmation link works (seconds or ISO 8601 duration).",
+    )
     confirm_on_get: bool = Field(
         default=False, description="Let GET /confirm/{token} confirm without the POST."
     )
-    confirmation_mail_interval: timedelta = Field(default=timedelta(minutes=5))
-    confirmation_mail_daily_cap: int = 5
-    max_body_bytes: int = 64 * 1024
-    max_attributes_bytes: int = 4 * 1024
-    max_newsletters_per_signup: int = 20
+    confirmation_mail_interval: timedelta = Field(
+        default=timedelta(minutes=5),
+        description="At most one confirmation (or already-subscribed) mail per address this often.",
+    )
+    confirmation_mail_daily_cap: int = Field(
+        default=5, description="At most this many such mails per address per day."
+    )
+    max_body_bytes: int = Field(default=64 * 1024, description="Largest sign-up body (413 above).")
+    max_attributes_bytes: int = Field(
+        default=4 * 1024, description="Largest `attributes` object, as JSON bytes."
+    )
+    max_newsletters_per_signup: int = Field(
+        default=20, description="Most newsletters one sign-up may name."
+    )
     dev_mailbox: bool | None = Field(
         default=None, description="Show /dev/mailbox; default: on when mail goes to a Maildir."
     )
     run_worker: bool = Field(default=True, description="Run the delivery worker inside serve.")
-    worker_batch_size: int = 100
-    worker_poll_interval: float = 1.0
-    worker_lease: timedelta = Field(default=timedelta(minutes=2))
-    worker_max_attempts: int = 10
-    worker_backoff_base: float = 5.0
-    worker_backoff_max: float = 3600.0
+    worker_batch_size: int = Field(
+        default=100, description="Outbox rows one worker claims at once."
+    )
+    worker_poll_interval: float = Field(
+        default=1.0, description="Seconds an idle worker waits before looking again."
+    )
+    worker_lease: timedelta = Field(
+        default=timedelta(minutes=2),
+        description="How long claimed rows stay a worker's; after that another may take them.",
+    )
+    worker_max_attempts: int = Field(
+        default=10, description="Attempts before a message is dead (`newsletter outbox retry`)."
+    )
+    worker_backoff_base: float = Field(
+        default=5.0, description="Seconds before the first retry; doubles per attempt, jittered."
+    )
+    worker_backoff_max: float = Field(default=3600.0, description="Longest wait between retries.")
     purge_pending_after: timedelta = Field(
         default=timedelta(days=30),
         description="The worker deletes sign-ups still pending after this long (0 = never).",
     )
     webhook_timeout: float = Field(default=10.0, description="Seconds per webhook call.")
-    db_pool_size: int = 10
-    db_max_overflow: int = 10
-    sqlite_pool_size: int = 1
+    db_pool_size: int = Field(default=10, description="PostgreSQL connections kept per process.")
+    db_max_overflow: int = Field(
+        default=10, description="Extra PostgreSQL connections allowed under load."
+    )
+    sqlite_pool_size: int = Field(
+        default=1, description="SQLite connections per process (it has one writer)."
+    )
     signup_batching: bool = Field(
         default=True, description="Group concurrent sign-ups into one transaction."
     )
-    signup_batch_size: int = 64
-    signup_batch_consumers: int = 1
-    db_echo: bool = False
+    signup_batch_size: int = Field(
+        default=64, description="Most sign-ups committed in one transaction."
+    )
+    signup_batch_consumers: int = Field(
+        default=1, description="Sign-up transactions a process runs at once."
+    )
+    db_echo: bool = Field(default=False, description="Log every SQL statement (debugging).")
     bounce_webhook_secret: str = Field(
         default="",
         description="Shared secret of POST /v1/hooks/bounces (Bearer or ?token=); empty = off.",
@@ -260,3 +293,20 @@ class Settings(BaseSettings):
 
 def load_settings() -> Settings:
     return Settings().with_secret_keys()
+
+
+def settings_table() -> str:
+    """The configuration table of the README, from the fields above."""
+    rows = ["| variable | default | what it does |", "| --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        default = "" if field.default_factory is not None else field.default
+        if isinstance(default, timedelta):
+            default = int(default.total_seconds())
+        shown = "" if default in ("", None) else f"`{default}`"
+        text = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `NEWSLETTER_{name.upper()}` | {shown} | {text} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(settings_table())

@@ -17,11 +17,14 @@ whole /64 to pick addresses from.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import ipaddress
 import logging
 import math
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from limits import RateLimitItem, parse_many
@@ -110,10 +113,18 @@ def limit_key(ip: str) -> str:
     return str(found) if found is not None else ip
 
 
+@dataclass
+class _Increment:
+    key: str
+    expiry: int
+    amount: int
+    future: asyncio.Future[int]
+
+
 class DatabaseStorage(Storage):
     """Fixed-window counters in the `rate_limit_windows` table, for `limits`' fixed window.
 
-    Each increment is one upsert that starts a new window when the old one has expired and
+    An increment is an upsert that starts a new window when the old one has expired and
     returns the count, in autocommit: it never waits for, or holds up, a sign-up transaction.
     """
 
@@ -130,14 +141,53 @@ class DatabaseStorage(Storage):
         )
         self.insert: Any = postgresql.insert if self.postgresql else sqlite.insert
         self.swept_at = time.monotonic()
+        self.queue: list[_Increment] = []
+        self.flusher: asyncio.Task[None] | None = None
 
     @property
     def base_exceptions(self) -> type[Exception] | tuple[type[Exception], ...]:
         return SQLAlchemyError
 
     async def incr(self, key: str, expiry: int, amount: int = 1) -> int:
+        """Count `amount` more in the key's window; return the window's count after it.
+
+        Concurrent increments share one statement (a group commit, as sign-ups do): the
+        request that finds no statement in flight starts one, the others queue for the next.
+        """
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.queue.append(_Increment(key, expiry, amount, future))
+        if self.flusher is None or self.flusher.done():
+            self.flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        while self.queue:
+            batch, self.queue = self.queue, []
+            try:
+                counts = await self._apply(batch)
+            except Exception as exc:
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                continue
+            for item, hits in zip(batch, counts, strict=True):
+                if not item.future.done():  # the request may have gone away meanwhile
+                    item.future.set_result(hits)
+
+    async def _apply(self, batch: list[_Increment]) -> list[int]:
+        """One upsert for the whole batch; each increment's count as if applied in order."""
         now = time.time()
-        stmt = self.insert(_windows).values(key=key, hits=amount, expires_at=now + expiry)
+        totals: dict[str, int] = {}
+        expiries: dict[str, int] = {}
+        for item in batch:
+            totals[item.key] = totals.get(item.key, 0) + item.amount
+            expiries.setdefault(item.key, item.expiry)
+        # Sorted keys: two processes' statements lock rows in the same order, no deadlock.
+        rows = [
+            {"key": key, "hits": totals[key], "expires_at": now + expiries[key]}
+            for key in sorted(totals)
+        ]
+        stmt = self.insert(_windows).values(rows)
         expired = _windows.c.expires_at <= now
         stmt = stmt.on_conflict_do_update(
             index_elements=[_windows.c.key],
@@ -149,17 +199,18 @@ class DatabaseStorage(Storage):
                     (expired, stmt.excluded.expires_at), else_=_windows.c.expires_at
                 ),
             },
-        ).returning(_windows.c.hits)
+        ).returning(_windows.c.key, _windows.c.hits)
         async with self.engine.begin() as conn:
-            hits = int((await conn.execute(stmt)).scalar_one())
-        if time.monotonic() - self.swept_at > SWEEP_INTERVAL:
-            self.swept_at = time.monotonic()
-            await self._sweep(now)
-        return hits
-
-    async def _sweep(self, now: float) -> None:
-        async with self.engine.begin() as conn:
-            await conn.execute(delete(_windows).where(_windows.c.expires_at <= now))
+            after = {key: int(hits) for key, hits in (await conn.execute(stmt)).all()}
+            if time.monotonic() - self.swept_at > SWEEP_INTERVAL:
+                self.swept_at = time.monotonic()
+                await conn.execute(delete(_windows).where(_windows.c.expires_at <= now))
+        running = {key: after[key] - totals[key] for key in totals}
+        counts = []
+        for item in batch:
+            running[item.key] += item.amount
+            counts.append(running[item.key])
+        return counts
 
     async def _window(self, key: str) -> tuple[int, float]:
         async with self.engine.connect() as conn:
@@ -216,6 +267,7 @@ class SignupLimiter:
             parse_many(settings.signup_rate_limit) if settings.signup_rate_limit else []
         )
         self.trusted = parse_networks(settings.trusted_proxies)
+        self.pepper = (settings.secret_keys[0] if settings.secret_keys else "").encode()
         self.kind = storage_kind(settings) if self.items else "off"
         self.storage: Storage | None = None
         if self.kind == "redis":
@@ -244,13 +296,19 @@ class SignupLimiter:
         """
         if self.limiter is None or ip is None:
             return None
-        key = limit_key(ip)
+        # Counters are keyed by a keyed hash: no client address is stored, not even briefly.
+        key = hmac.new(self.pepper, limit_key(ip).encode(), hashlib.sha256).hexdigest()[:32]
         try:
             async with asyncio.timeout(STORAGE_TIMEOUT):
-                for item in self.items:
-                    if not await self.limiter.hit(item, SIGNUP_SCOPE, key):
-                        stats = await self.limiter.get_window_stats(item, SIGNUP_SCOPE, key)
-                        return max(1, math.ceil(stats.reset_time - time.time()))
+                passed = await self._hit_all(self.limiter, key)
+                refused = [item for item, ok in zip(self.items, passed, strict=True) if not ok]
+                if refused:
+                    # The client may come back when every window it is over has ended.
+                    resets = [
+                        (await self.limiter.get_window_stats(item, SIGNUP_SCOPE, key)).reset_time
+                        for item in refused
+                    ]
+                    return max(1, math.ceil(max(resets) - time.time()))
         except (StorageError, OSError, TimeoutError) as exc:
             if time.monotonic() - self._outage_logged_at > OUTAGE_LOG_INTERVAL:
                 self._outage_logged_at = time.monotonic()
@@ -258,8 +316,21 @@ class SignupLimiter:
                 log.warning("rate-limit storage (%s) failed, not limiting: %r", self.kind, cause)
         return None
 
+    async def _hit_all(self, limiter: FixedWindowRateLimiter, key: str) -> list[bool]:
+        """Count the sign-up in every window. A remote store gets them at once: one batched
+        statement or one round trip instead of one per window; memory needs no such help."""
+        if self.kind == "memory":
+            return [await limiter.hit(item, SIGNUP_SCOPE, key) for item in self.items]
+        return list(
+            await asyncio.gather(*(limiter.hit(item, SIGNUP_SCOPE, key) for item in self.items))
+        )
+
     async def close(self) -> None:
-        if isinstance(self.storage, MemoryStorage):
+        if isinstance(self.storage, DatabaseStorage):
+            flusher = self.storage.flusher
+            if flusher is not None and not flusher.done():
+                await asyncio.gather(flusher, return_exceptions=True)
+        elif isinstance(self.storage, MemoryStorage):
             timer = self.storage.timer
             if timer is not None and not timer.done():
                 timer.cancel()

@@ -200,9 +200,17 @@ async def subscribe_many(
             accepted.append(_Work(data, consent, newsletters, result))
     # A blocked address or domain is answered like everyone else and changes nothing.
     refused = await suppression.blocked(session, {w.data.address.key for w in accepted})
+    # A suppressed address (bounced, complained, erased) comes back only through double
+    # opt-in: single opt-in lists are not mailed or activated for it.
+    single = [w for w in accepted if any(n.opt_in == OptIn.single.value for n in w.newsletters)]
+    held = await suppression.suppressed(session, {w.data.address.key for w in single})
     for work in accepted:
         if work.data.address.key in refused:
             continue
+        if work.data.address.key in held:
+            work.newsletters = [n for n in work.newsletters if n.opt_in != OptIn.single.value]
+            if not work.newsletters:
+                continue
         # The same address twice in one batch is applied in order, one round each.
         target = next((r for r in rounds if work.data.address.key not in r), None)
         if target is None:

@@ -7,11 +7,12 @@ from collections.abc import Iterable
 from datetime import datetime
 
 from sqlalchemy import delete, or_, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.addresses import normalise
 from service.errors import Conflict, FieldError, InvalidInput, NotFound
-from service.models import BlockedEntry, Suppression, utcnow
+from service.models import BlockedEntry, Suppression, table, utcnow
 
 
 def address_hash(email_key: str) -> str:
@@ -29,12 +30,13 @@ def _domains(email_key: str) -> list[str]:
 async def suppress(
     session: AsyncSession, email_key: str, reason: str, now: datetime | None = None
 ) -> None:
-    """Record a suppression; repeating it keeps the first reason."""
-    digest = address_hash(email_key)
-    if await session.scalar(select(Suppression.id).where(Suppression.email_hash == digest)):
-        return
-    session.add(Suppression(email_hash=digest, reason=reason, created_at=now or utcnow()))
-    await session.flush()
+    """Record a suppression; repeating it (even concurrently) keeps the first reason."""
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    await session.execute(
+        insert(table(Suppression))
+        .values(email_hash=address_hash(email_key), reason=reason, created_at=now or utcnow())
+        .on_conflict_do_nothing(index_elements=["email_hash"])
+    )
 
 
 async def lift(session: AsyncSession, email_key: str) -> None:

@@ -55,6 +55,8 @@ async def _pg_reachable() -> str | None:
 
 @dataclass
 class TestDatabase:
+    __test__ = False  # a fixture value, not a test class
+
     backend: str
     url: str
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import text
 
 from service.app import create_app
 from service.config import Settings
@@ -520,3 +521,24 @@ async def test_a_rejected_body_changes_nothing(client: httpx.AsyncClient, db: Da
     )
     assert answer.status_code == 422
     assert statuses(await person(client, admin, "first@example.com")) == {"weekly": "active"}
+
+
+async def test_a_bounced_address_is_not_reactivated_by_a_single_opt_in_signup(
+    client: httpx.AsyncClient,
+    db: Database,
+    worker: DeliveryWorker,
+    smtp: SMTPServer,
+) -> None:
+    from service.suppression import suppress
+
+    await make_newsletter(db, "daily", opt_in="single")
+    async with db.transaction() as session:
+        await suppress(session, "gone@example.com", "bounced")
+    answer = await client.post(
+        "/v1/subscriptions", json={"email": "gone@example.com", "newsletters": ["daily"]}
+    )
+    assert answer.status_code == 200  # answered like everyone else
+    await deliver(worker)
+    assert smtp.sink.received == []
+    async with db.transaction() as session:
+        assert await session.scalar(text("SELECT count(*) FROM subscriptions")) == 0

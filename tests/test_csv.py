@@ -247,6 +247,29 @@ async def test_export_neutralises_spreadsheet_formulas(
     }
 
 
+async def test_export_pages_through_a_long_list(
+    client: httpx.AsyncClient, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await make_newsletter(db, "weekly", opt_in="single")
+    await make_newsletter(db, "daily", opt_in="single")
+    key = await make_key(db, "read")
+    names = ["Ada", 'Smith, "Jo"', "Zoë Ünïcode", "Bob", "Cy", "Di", "Ed"]
+    for i, name in enumerate(names):
+        for slug in ("weekly", "daily") if i % 2 else ("daily", "weekly"):
+            answer = await client.post(
+                "/v1/subscriptions",
+                json={"email": f"reader{i}@example.com", "newsletters": [slug], "name": name},
+            )
+            assert answer.status_code == 200, answer.text
+    monkeypatch.setattr(csv_io, "EXPORT_PAGE_ROWS", 2)
+
+    rows = await export(client, key)
+    assert [(r["email"], r["name"]) for r in rows] == [
+        (f"reader{i}@example.com", name) for i, name in enumerate(names)
+    ]
+    assert len({r["manage_url"] for r in rows}) == len(names)
+
+
 async def test_export_of_an_unknown_newsletter_is_404(
     client: httpx.AsyncClient, db: Database
 ) -> None:
@@ -279,6 +302,7 @@ async def test_hostile_import_reports_each_bad_line_and_keeps_only_good_rows(
     key = await make_key(db)
     async with db.transaction() as session:
         session.add(BlockedEntry(kind="domain", value="blocked.example", note="spam trap"))
+        session.add(BlockedEntry(kind="address", value="troll@example.com"))
         await suppression.suppress(session, "gone@example.com", "erased")
     answer = await client.post(
         "/v1/subscriptions", json={"email": "left@example.com", "newsletters": ["weekly"]}
@@ -312,6 +336,7 @@ async def test_hostile_import_reports_each_bad_line_and_keeps_only_good_rows(
             b"nul@example.com,a\x00b,\r\n",  # 15
             b"\r\n",  # 16: blank, not a row
             b"last@example.com,Last,\r\n",  # 17
+            b"Troll@Example.com,Troll,\r\n",  # 18
         ]
     )
     report = await imported(client, key, content)
@@ -331,9 +356,10 @@ async def test_hostile_import_reports_each_bad_line_and_keeps_only_good_rows(
         7: "blocked",
         8: "suppressed",
         12: "unsubscribed",
+        18: "blocked",
     }
-    assert (report["rows_total"], report["rows_imported"]) == (14, 4)
-    assert (report["rows_skipped"], report["rows_rejected"]) == (4, 6)
+    assert (report["rows_total"], report["rows_imported"]) == (15, 4)
+    assert (report["rows_skipped"], report["rows_rejected"]) == (5, 6)
     assert report["filename"] == "members.csv" and report["actor"] == "key:ops"
 
     async with db.transaction() as session:

@@ -374,10 +374,6 @@ async def test_confirm_ignores_a_redirect_when_no_origin_is_allowed(
     assert "Your subscription is confirmed" in answer.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="service/api/public.py does not check redirect_after_signup with safe_redirect yet",
-)
 async def test_signup_form_post_ignores_a_redirect_off_the_allowed_origins(
     client: httpx.AsyncClient, db: Database
 ) -> None:

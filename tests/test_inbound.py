@@ -308,10 +308,6 @@ async def test_bad_signatures_and_other_addresses_are_refused_at_rcpt(
     assert inbound.recipient_for(rotated, verp) == inbound.Recipient("bounce", outbox_id=outbox_id)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the delivery worker does not pass the VERP envelope sender to its transport yet",
-)
 async def test_with_verp_the_return_path_of_a_real_mail_takes_its_bounce(
     settings: Settings, db: Database, smtp: SMTPServer
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -120,6 +121,21 @@ async def test_the_limit_is_counted_where_the_backend_default_says(
     async with service_with(settings) as service:
         expected = "memory" if settings.is_sqlite else "database"
         assert service.app.state.limiter.kind == expected
+
+
+@pytest.mark.parametrize("storage", ["auto", "database"])
+async def test_concurrent_signups_get_exactly_the_limit(
+    db: Database, settings: Settings, storage: str
+) -> None:
+    await make_newsletter(db, "weekly")
+    async with service_with(
+        settings, signup_rate_limit="5/minute", rate_limit_storage=storage
+    ) as service:
+        answers = await asyncio.gather(
+            *(signup(service.client, f"r{i}@example.com", "weekly") for i in range(8))
+        )
+    assert sorted(a.status_code for a in answers) == [202] * 5 + [429] * 3
+    assert await count(db, Subscriber) == 5
 
 
 async def test_an_hourly_limit_holds_after_the_minute_one_passes(

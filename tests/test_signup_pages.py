@@ -177,7 +177,12 @@ async def test_browser_form_post_with_redirect_after_signup_is_303_to_it(
     client: httpx.AsyncClient, db: Database
 ) -> None:
     await make_newsletter(db, "weekly")
-    await set_newsletter(db, "weekly", redirect_after_signup="https://site.example/thanks")
+    await set_newsletter(
+        db,
+        "weekly",
+        redirect_after_signup="https://site.example/thanks",
+        allowed_origins=["https://site.example"],
+    )
 
     page = await browser_signup(client, email="reader@example.com", newsletters="weekly")
     api = await signup(client, "other@example.com", "weekly")
@@ -449,4 +454,32 @@ async def test_unsubscribe_post_for_an_unknown_newsletter_is_404_and_changes_not
 
     assert page.status_code == 404
     assert is_html(page)
+    assert await statuses(client, db) == {"reader@example.com": {"weekly": "active"}}
+
+
+async def test_unsubscribe_page_for_a_list_that_is_gone_is_404_not_everything(
+    client: httpx.AsyncClient, db: Database, settings: Settings, smtp: SMTPServer,
+    worker: DeliveryWorker,
+) -> None:
+    await make_newsletter(db, "weekly")
+    await active_reader(client, db, smtp, worker, "weekly")
+    token = (await manage_path(client, db, settings)).removeprefix("/manage/")
+    page = await client.get(f"/unsubscribe/{token}", params={"newsletter": "no-such-list"})
+    assert page.status_code == 404
+    assert await statuses(client, db) == {"reader@example.com": {"weekly": "active"}}
+
+
+async def test_manage_post_with_a_bare_string_keeps_that_one_and_junk_changes_nothing(
+    client: httpx.AsyncClient, db: Database, settings: Settings, smtp: SMTPServer,
+    worker: DeliveryWorker,
+) -> None:
+    await make_newsletter(db, "weekly")
+    await make_newsletter(db, "daily")
+    await active_reader(client, db, smtp, worker, "weekly")
+    path = await manage_path(client, db, settings)
+    kept = await client.post(path, json={"newsletters": "weekly"})
+    assert kept.status_code == 200
+    assert await statuses(client, db) == {"reader@example.com": {"weekly": "active"}}
+    junk = await client.post(path, json={"newsletters": {"weekly": True}})
+    assert junk.status_code == 422
     assert await statuses(client, db) == {"reader@example.com": {"weekly": "active"}}

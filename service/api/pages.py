@@ -20,7 +20,13 @@ from service.api.bodies import read_fields
 from service.api.deps import DbDep, SettingsDep, consent_from, wake_worker
 from service.config import PROJECT_ROOT, Settings
 from service.db import Database
-from service.errors import ConfirmationExpired, InvalidInput, NotFound, TokenNotFound
+from service.errors import (
+    ConfirmationExpired,
+    FieldError,
+    InvalidInput,
+    NotFound,
+    TokenNotFound,
+)
 from service.mail.render import Links
 from service.models import Newsletter, Subscriber
 from service.origins import normalise, safe_redirect
@@ -247,6 +253,9 @@ async def unsubscribe_page(
     except TokenNotFound:
         return not_found(request)
     target = next((p.newsletter for p in prefs.items if p.newsletter.slug == newsletter), None)
+    if newsletter and target is None:
+        # A link for a list that is gone must not turn into "unsubscribe from everything".
+        return not_found(request)
     receiving = [p.newsletter for p in prefs.items if p.status in ("active", "pending")]
     return render(
         request,
@@ -302,11 +311,15 @@ async def manage_page(token: str, request: Request, db: DbDep, settings: Setting
 @router.post("/manage/{token}")
 async def manage_post(token: str, request: Request, db: DbDep, settings: SettingsDep) -> Response:
     fields = await read_fields(request, settings.max_body_bytes)
-    wanted = (
-        set()
-        if fields.get("action") == "unsubscribe_all"
-        else set(s for s in fields.get("newsletters", []) if isinstance(s, str))
-    )
+    chosen = fields.get("newsletters", [])
+    if isinstance(chosen, str):  # a JSON body may send one slug as a bare string
+        chosen = [chosen]
+    if not isinstance(chosen, list) or not all(isinstance(c, str) for c in chosen):
+        # Malformed input must never read as "untick everything".
+        raise InvalidInput(
+            [FieldError("newsletters", "invalid", "Newsletters must be a list of slugs.")]
+        )
+    wanted = set() if fields.get("action") == "unsubscribe_all" else set(chosen)
     try:
         async with db.transaction() as session:
             subscriber = await subscriptions.subscriber_by_token(

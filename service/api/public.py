@@ -26,6 +26,7 @@ from service.api.schemas import (
 )
 from service.botcheck import ChallengeUnavailable, ChallengeVerifier
 from service.errors import FieldError, InvalidInput, problem
+from service.origins import safe_redirect
 from service.ratelimit import RATE_LIMITED, SignupLimiter
 from service.signup import SignupResult
 from service.signup_input import parse_signup
@@ -140,8 +141,10 @@ async def create_subscription(
     if result.mail_queued:
         wake_worker(request)
     if html:
-        if result.redirect_url:
-            return RedirectResponse(result.redirect_url, status_code=303)
+        first = result.newsletters[0] if result.newsletters else None
+        target = safe_redirect(result.redirect_url, first.allowed_origins if first else None)
+        if target:  # only to one of the newsletter's own sites: never an open redirect
+            return RedirectResponse(target, status_code=303)
         return pages.render(
             request, "thanks.html", {"result": result, "message": _signup_answer(result)["message"]}
         )

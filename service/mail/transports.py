@@ -29,7 +29,9 @@ class Transport(Protocol):
         tb: TracebackType | None,
     ) -> None: ...
 
-    async def send(self, message: EmailMessage) -> None: ...
+    async def send(self, message: EmailMessage, envelope_from: str | None = None) -> None:
+        """Deliver; `envelope_from` is the MAIL FROM (return path), else the From address."""
+        ...
 
 
 class MaildirTransport:
@@ -44,7 +46,11 @@ class MaildirTransport:
     async def __aexit__(self, *_: object) -> None:
         return None
 
-    async def send(self, message: EmailMessage) -> None:
+    async def send(self, message: EmailMessage, envelope_from: str | None = None) -> None:
+        if envelope_from:  # what the delivering MTA would have recorded
+            del message["Return-Path"]
+            message["Return-Path"] = f"<{envelope_from}>"
+
         def write() -> None:
             mailbox.Maildir(self.path, create=True).add(message)
 
@@ -99,10 +105,10 @@ class SMTPTransport:
             self.client = client
         return self.client
 
-    async def send(self, message: EmailMessage) -> None:
+    async def send(self, message: EmailMessage, envelope_from: str | None = None) -> None:
         try:
             client = await self._connect()
-            await client.send_message(message)
+            await client.send_message(message, sender=envelope_from)
         except aiosmtplib.SMTPRecipientsRefused as exc:
             await self._close()
             codes = [err.code for err in exc.recipients]

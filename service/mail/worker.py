@@ -16,7 +16,7 @@ from datetime import timedelta
 import httpx
 from sqlalchemy import insert, select
 
-from service import purge, webhooks
+from service import purge, tokens, webhooks
 from service.config import Settings
 from service.db import Database
 from service.mail import outbox
@@ -108,7 +108,15 @@ class DeliveryWorker:
                     email = self.renderer.render(
                         message.template, message.recipient, targets, payload, header_id
                     )
-                    await transport.send(email)
+                    # With VERP the return path names the message, so a bounce finds its row.
+                    envelope_from = (
+                        tokens.verp_address(
+                            self.settings.secret_keys, self.settings.mail_from, message.id
+                        )
+                        if self.settings.verp
+                        else None
+                    )
+                    await transport.send(email, envelope_from)
                 except DeliveryError as exc:
                     transient_in_a_row = 0 if exc.permanent else transient_in_a_row + 1
                     outcome.failed.append((message.id, str(exc), exc.permanent, message.attempts))
