@@ -54,13 +54,15 @@ async def record(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
     hooks = (
-        await session.execute(select(Webhook.id, Webhook.event_types).where(Webhook.active))
+        await (await session.connection()).execute(
+            select(Webhook.id, Webhook.event_types).where(Webhook.active)
+        )
     ).all()
     wanted = [(hook_id, set(types)) for hook_id, types in hooks]
     if not any(row["type"] in types for row in rows for _, types in wanted):
-        await session.execute(insert(table(Event)), rows)
+        await (await session.connection()).execute(insert(table(Event)), rows)
         return
-    result = await session.execute(
+    result = await (await session.connection()).execute(
         insert(table(Event)).returning(
             table(Event).c.id, table(Event).c.type, sort_by_parameter_order=True
         ),
@@ -83,7 +85,7 @@ async def record(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
         for hook_id, types in wanted
         if event_type in types
     ]
-    await session.execute(insert(table(OutboxMessage)), calls)
+    await (await session.connection()).execute(insert(table(OutboxMessage)), calls)
 
 
 async def feed(

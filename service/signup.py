@@ -7,6 +7,7 @@ one transaction and one commit. `subscribe` is the same for one sign-up.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -174,10 +175,13 @@ async def subscribe_many(
     """
     now = now or utcnow()
     slugs = {slug for data, _ in requests for slug in data.newsletters}
-    rows = await session.scalars(
-        select(Newsletter).where(Newsletter.slug.in_(slugs), Newsletter.archived_at.is_(None))
+    conn = await session.connection()  # Core execution: the ORM's per-statement cost is not needed
+    rows = await conn.execute(
+        select(table(Newsletter)).where(
+            Newsletter.slug.in_(slugs), Newsletter.archived_at.is_(None)
+        )
     )
-    found = {n.slug: n for n in rows}
+    found = {row.slug: Newsletter(**row._mapping) for row in rows}
 
     outcomes: list[SignupResult | InvalidInput] = []
     accepted: list[_Work] = []
@@ -274,48 +278,55 @@ async def _apply(
                     }
                 )
     if new_rows:
-        await session.execute(insert(table(Subscription)), new_rows)
+        await (await session.connection()).execute(insert(table(Subscription)), new_rows)
     if again:
-        await session.execute(RESUBSCRIBE, again)
+        await (await session.connection()).execute(RESUBSCRIBE, again)
     await events.record(session, new_events)
     await _queue_mail(session, settings, batch, now)
+
+
+@functools.cache
+def _insert_subscribers(dialect: str) -> Any:
+    insert_for = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    subscribers = table(Subscriber)
+    return (
+        insert_for(subscribers)
+        .on_conflict_do_nothing(index_elements=["email_key"])
+        .returning(subscribers.c.id, subscribers.c.public_id, subscribers.c.email_key)
+    )
 
 
 async def _upsert_subscribers(session: AsyncSession, batch: list[_Work], now: datetime) -> None:
     """Create the new subscribers, find the known ones. Name, language and attributes are
     only set on creation: an unauthenticated form must not rewrite what a reader gave."""
     by_key = {w.data.address.key: w for w in batch}
-    stmt = (
-        dialect_insert(session)(Subscriber)
-        .values(
-            [
-                {
-                    "public_id": tokens.new_public_id(),
-                    "email": w.data.address.email,
-                    "email_key": w.data.address.key,
-                    "name": w.data.name,
-                    "language": w.data.language,
-                    "attributes": w.data.attributes,
-                    "created_at": now,
-                    "updated_at": now,
-                }
-                for w in batch
-            ]
-        )
-        .on_conflict_do_nothing(index_elements=["email_key"])
-        .returning(Subscriber.id, Subscriber.public_id, Subscriber.email_key)
-    )
-    for subscriber_id, public_id, key in (await session.execute(stmt)).all():
+    rows = [
+        {
+            "public_id": tokens.new_public_id(),
+            "email": w.data.address.email,
+            "email_key": w.data.address.key,
+            "name": w.data.name,
+            "language": w.data.language,
+            "attributes": w.data.attributes,
+            "created_at": now,
+            "updated_at": now,
+        }
+        for w in batch
+    ]
+    conn = await session.connection()
+    # executemany: SQLAlchemy folds it into one multi-row INSERT from a statement compiled once.
+    created = await conn.execute(_insert_subscribers(conn.dialect.name), rows)
+    for subscriber_id, public_id, key in created.all():
         work = by_key[key]
         work.subscriber_id, work.public_id, work.created = subscriber_id, public_id, True
     known = [key for key, w in by_key.items() if not w.created]
     if known:
-        rows = await session.execute(
+        found = await conn.execute(
             select(Subscriber.id, Subscriber.public_id, Subscriber.email_key).where(
                 Subscriber.email_key.in_(known)
             )
         )
-        for subscriber_id, public_id, key in rows.all():
+        for subscriber_id, public_id, key in found.all():
             by_key[key].subscriber_id, by_key[key].public_id = subscriber_id, public_id
 
 
@@ -324,7 +335,7 @@ async def _existing_subscriptions(
 ) -> dict[tuple[int, int], tuple[int, str]]:
     if not known:
         return {}
-    rows = await session.execute(
+    rows = await (await session.connection()).execute(
         select(
             Subscription.subscriber_id,
             Subscription.newsletter_id,
@@ -341,7 +352,7 @@ async def _under_cap(
     """Which of these known subscribers may be sent another confirmation-type mail now."""
     if not subscriber_ids:
         return set()
-    rows = await session.execute(
+    rows = await (await session.connection()).execute(
         select(OutboxMessage.subscriber_id, func.count(), func.max(OutboxMessage.created_at))
         .where(
             OutboxMessage.subscriber_id.in_(subscriber_ids),
@@ -410,6 +421,6 @@ async def _queue_mail(
             work.result.mail_queued = "already_subscribed"
         mails.append(outbox_row(work.result.mail_queued, email, work.subscriber_id, payload, now))
     if confirmations:
-        await session.execute(insert(table(Confirmation)), confirmations)
+        await (await session.connection()).execute(insert(table(Confirmation)), confirmations)
     if mails:
-        await session.execute(insert(table(OutboxMessage)), mails)
+        await (await session.connection()).execute(insert(table(OutboxMessage)), mails)

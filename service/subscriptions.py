@@ -33,6 +33,7 @@ from service.models import (
     utcnow,
 )
 from service.newsletters import SLUG
+from service.observability import CONFIRMATIONS, UNSUBSCRIBES
 from service.signup import Consent, SignupResult, consent_event, mail_payload, subscribe
 from service.signup_input import SignupInput
 
@@ -153,6 +154,7 @@ async def confirm(
     activated_ids = set(rows.scalars().all())
     activated = [n for n in newsletters if n.id in activated_ids]
     if activated:
+        CONFIRMATIONS.inc()
         await events.record(
             session,
             [
@@ -259,6 +261,7 @@ async def unsubscribe(
         .execution_options(synchronize_session=False)
     )
     ids = list(rows.scalars().all())
+    UNSUBSCRIBES.inc(len(ids))
     await events.record(
         session,
         [consent_event("subscription.unsubscribed", subscriber.id, i, consent, now) for i in ids],

@@ -51,7 +51,7 @@ async def suppressed(session: AsyncSession, email_keys: Iterable[str]) -> set[st
     by_hash = {address_hash(k): k for k in email_keys}
     if not by_hash:
         return set()
-    rows = await session.scalars(
+    rows = await (await session.connection()).scalars(
         select(Suppression.email_hash).where(Suppression.email_hash.in_(by_hash))
     )
     return {by_hash[h] for h in rows}
@@ -64,7 +64,7 @@ async def blocked(session: AsyncSession, email_keys: Iterable[str]) -> set[str]:
         return set()
     domains = {d for k in keys for d in _domains(k)}
     rows = (
-        await session.execute(
+        await (await session.connection()).execute(
             select(BlockedEntry.kind, BlockedEntry.value).where(
                 or_(
                     (BlockedEntry.kind == "address") & BlockedEntry.value.in_(keys),

@@ -51,6 +51,12 @@ async def test_metrics_show_latency_by_route_and_outbox_depth(
     assert depth["queued"] == 3
     oldest = families["newsletter_outbox_oldest_queued_seconds"].samples[0].value
     assert oldest >= 0
+    signups = {
+        s.labels["outcome"]: s.value
+        for s in families["newsletter_signups"].samples
+        if s.name == "newsletter_signups_total"
+    }
+    assert signups["accepted"] >= 3
 
 
 async def test_request_id_is_echoed_or_made(client: httpx.AsyncClient) -> None:

@@ -60,7 +60,7 @@ def _offered_secrets(request: Request) -> list[str]:
     return offered
 
 
-def _check_secret(request: Request, settings: SettingsDep) -> None:
+async def _check_secret(request: Request, settings: SettingsDep) -> None:
     secret = settings.bounce_webhook_secret
     if not secret:
         raise NotFound("The bounce intake is not configured.")
