@@ -3,9 +3,9 @@
 Same body reading (service.api.bodies.read_fields), same field rules
 (service.signup_input.parse_signup), same error handlers and the same 202 answer as
 POST /v1/subscriptions; it stops where the real handler hands the sign-up to the database.
-Settings are read from app.state directly rather than through the service's plain-`def`
-dependencies, which FastAPI runs in its thread pool: a thread hop per dependency per request
-is the service's cost, not the framework's, so it is left out of the ceiling.
+Settings are read from app.state on the event loop, as the service's (async) dependencies do:
+a plain `def` dependency would run in FastAPI's thread pool, a hop per request that is a cost
+of how an app is written, not of the framework, so the ceiling leaves it out.
 
     uvicorn bench.nodb_app:create_app --factory
 """

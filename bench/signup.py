@@ -46,7 +46,6 @@ LUA_SCRIPT = harness.BENCH_DIR / "signup.lua"
 BACKENDS = ("sqlite", "postgresql", "nodb")
 # backend: (minimum share of the no-database endpoint's req/s, p99 ceiling in ms)
 TARGETS = {"postgresql": (0.50, 25.0), "sqlite": (0.35, 50.0)}
-SIGNUP = {"email": "probe@example.com", "newsletters": [harness.NEWSLETTER]}
 # The per-client limit would refuse a load test from one address after a few dozen sign-ups.
 # Two limits, like the default, raised out of reach: the limiter's work stays in the figures.
 RATE_LIMIT = "1000000/minute;10000000/hour"
@@ -79,16 +78,15 @@ class BackendResult:
     warmup: WrkRun
     server_cpu: float | None = None  # share of one core the uvicorn process used while measured
     load_after: str = ""  # load average after the measured run: others share this machine
+    subscribers: int | None = None
+    expected_subscribers: int | None = None
+    outbox: dict[str, int] = field(default_factory=dict)
 
     @property
     def cpu_ms_per_request(self) -> float | None:
         if self.server_cpu is None or not self.run.rps:
             return None
         return 1000 * self.server_cpu / self.run.rps
-
-    subscribers: int | None = None
-    expected_subscribers: int | None = None
-    outbox: dict[str, int] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- the server
@@ -171,19 +169,33 @@ def uvicorn_server(app: str, env: dict[str, str], log_path: Path) -> Iterator[Se
 
 
 def report_server_log(log_path: Path) -> None:
-    """Summarise what the server logged: wrk hanging up at the end of a run is expected."""
+    """Summarise what the server logged: wrk hanging up at the end of a run is expected.
+
+    The whole log is kept in bench/results/ when it holds anything else.
+    """
     lines = log_path.read_text(errors="replace").splitlines()
-    errors = sum(1 for line in lines if line.startswith("ERROR:"))
     hangups = sum(1 for line in lines if line == f"{ClientDisconnect.__module__}.ClientDisconnect")
     if hangups:
         print(
             f"  server log: {hangups} x ClientDisconnect tracebacks (wrk closing connections "
             "with requests in flight when a run ends)"
         )
-    if errors > hangups:
-        print(f"  server log: {errors - hangups} other errors; first lines:")
-        for line in [line for line in lines if "ClientDisconnect" not in line][:30]:
-            print(f"    {line}")
+    # Everything that is not part of one of those tracebacks.
+    other = [
+        line
+        for line in lines
+        if line.strip()
+        and "ClientDisconnect" not in line
+        and not line.startswith(("  ", "Traceback", "ERROR:    Exception in ASGI application"))
+        and not line.startswith(("The above exception", "During handling", "+", "|"))
+    ]
+    if other:
+        harness.RESULTS_DIR.mkdir(exist_ok=True)
+        kept = harness.RESULTS_DIR / f"{log_path.stem}-{datetime.now(UTC):%Y%m%d-%H%M%S}.log"
+        shutil.copyfile(log_path, kept)
+        print(f"  server log: {len(other)} other lines, kept in {kept}; first ones:")
+        for line in other[:10]:
+            print(f"    {line[:300]}")
 
 
 def server_env(database_url: str, workdir: Path, mail_url: str | None) -> dict[str, str]:
@@ -201,7 +213,7 @@ def server_env(database_url: str, workdir: Path, mail_url: str | None) -> dict[s
 
 
 def post_signup(base_url: str, email: str) -> tuple[int, bytes]:
-    body = {**SIGNUP, "email": email}
+    body = {"email": email, "newsletters": [harness.NEWSLETTER]}
     request = urllib.request.Request(
         f"{base_url}/v1/subscriptions",
         data=json.dumps(body).encode(),
@@ -267,12 +279,12 @@ def bench_backend(backend: str, args: argparse.Namespace) -> BackendResult:
             mail_url = None
             if args.worker:
                 sink = harness.SinkProcess()
-                stack.callback(sink.stop)
+                stack.callback(lambda: print(f"  SMTP sink received {sink.stop()} mails"))
                 mail_url = sink.url
             env = server_env(url, workdir, mail_url)
             app = "service.app:create_app"
         env.update(args.server_env)
-        with uvicorn_server(app, env, workdir / "uvicorn.log") as server:
+        with uvicorn_server(app, env, workdir / f"uvicorn-{backend}.log") as server:
             probe(server.base_url)
             warmup = run_wrk(server.base_url, args, args.warmup)
             cpu_before = server.cpu_seconds()

@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     worker_batch_size: int = Field(
         default=100, description="Outbox rows one worker claims at once."
     )
+    worker_smtp_connections: int = Field(
+        default=4, description="SMTP connections one worker sends over at once."
+    )
     worker_poll_interval: float = Field(
         default=1.0, description="Seconds an idle worker waits before looking again."
     )
@@ -141,6 +144,12 @@ class Settings(BaseSettings):
     )
     redis_url: str = Field(
         default="", description="redis://host:port/db shared by every API process (rate limits)."
+    )
+    rate_limit_sync_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        description="Database storage: how often a process writes its counts and reads the "
+        "shared ones; 0 = write every request before answering (exact, slower).",
     )
     rate_limit_key_prefix: str = Field(
         default="newsletter", description="Prefix of the rate-limit keys in Redis."

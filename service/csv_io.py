@@ -42,6 +42,7 @@ from service.models import (
     UTCDateTime,
     utcnow,
 )
+from service.newsletters import SLUG
 from service.signup import Consent, subscribe_many
 from service.signup_input import MAX_LANGUAGE, MAX_NAME, SignupInput
 
@@ -357,9 +358,12 @@ async def check_import(
         raise _invalid("status", "invalid", "status is pending or active.")
     if len(note) > 500:
         raise _invalid("consent_note", "too_long", "At most 500 characters.")
-    newsletter = await session.scalar(
-        select(Newsletter).where(Newsletter.slug == slug[:64], Newsletter.archived_at.is_(None))
-    )
+    newsletter = None
+    # A slug no newsletter can have (a NUL byte breaks PostgreSQL) never reaches a query.
+    if SLUG.match(slug):
+        newsletter = await session.scalar(
+            select(Newsletter).where(Newsletter.slug == slug, Newsletter.archived_at.is_(None))
+        )
     if newsletter is None:
         raise _invalid("newsletter", "unknown_newsletter", f"Unknown newsletter: {slug[:64]}")
     if status == Status.active.value and not note:

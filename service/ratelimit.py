@@ -5,13 +5,15 @@ Where the counters live (docs/abuse.md has the measurements behind this choice):
 - In memory, for SQLite without Redis: the embedded default is one process, so memory is exact,
   and a database write per request would queue behind the sign-up batches on SQLite's single
   writer.
-- A table (`rate_limit_windows`), for PostgreSQL without Redis: one upsert per limit per
-  request, each its own autocommit statement on an UNLOGGED table, so several API processes
-  share the count without Redis.
+- A table (`rate_limit_windows`, UNLOGGED), for PostgreSQL without Redis, so several API
+  processes share the count: each counts in memory and syncs with the table at most every
+  RATE_LIMIT_SYNC_SECONDS, in the background (see DatabaseStorage); a write per request would
+  cost the sign-up path a statement that its group commit had saved.
 
 The client is the direct peer, or, when that peer is a trusted proxy, the right-most address of
 X-Forwarded-For that is not a trusted proxy. IPv6 clients count per /64: one host usually has a
-whole /64 to pick addresses from.
+whole /64 to pick addresses from. Counters are keyed by an HMAC of that, never the address.
+A storage that fails lets sign-ups through, with a warning in the log.
 """
 
 from __future__ import annotations
@@ -121,18 +123,36 @@ class _Increment:
     future: asyncio.Future[int]
 
 
+@dataclass
+class _Window:
+    """A process's view of one shared window (synced mode)."""
+
+    hits: int  # the shared count as last read, plus this process's hits since
+    pending: int  # this process's hits not yet written
+    expires_at: float
+    expiry: int
+
+
 class DatabaseStorage(Storage):
     """Fixed-window counters in the `rate_limit_windows` table, for `limits`' fixed window.
 
-    An increment is an upsert that starts a new window when the old one has expired and
-    returns the count, in autocommit: it never waits for, or holds up, a sign-up transaction.
+    Writes are upserts that start a new window when the old one has expired and return the
+    count, in autocommit: they never wait for, or hold up, a sign-up transaction. Two modes:
+
+    - synced (`sync_interval` > 0, the default): a process counts in memory, exactly for its
+      own requests, and at most every `sync_interval` seconds (when a request comes, and when
+      it stops) writes what it counted and reads back the shared counts, in one statement in
+      the background. Requests never wait for the database; other processes' hits are seen
+      one sync late.
+    - exact (`sync_interval` = 0): every increment is written before the request goes on;
+      concurrent ones share one statement (a group commit, as sign-ups do).
     """
 
     STORAGE_SCHEME = None
     DEPENDENCIES: list[str] = []
 
-    def __init__(self, db: Database, wrap_exceptions: bool = True) -> None:
-        super().__init__(None, wrap_exceptions=wrap_exceptions)
+    def __init__(self, db: Database, sync_interval: float = 1.0) -> None:
+        super().__init__(None, wrap_exceptions=True)
         engine: AsyncEngine = db.engine
         self.postgresql = engine.dialect.name == "postgresql"
         # SQLite keeps its BEGIN IMMEDIATE transactions (service.db); PostgreSQL needs none.
@@ -140,48 +160,102 @@ class DatabaseStorage(Storage):
             engine.execution_options(isolation_level="AUTOCOMMIT") if self.postgresql else engine
         )
         self.insert: Any = postgresql.insert if self.postgresql else sqlite.insert
+        self.sync_interval = sync_interval
         self.swept_at = time.monotonic()
         self.queue: list[_Increment] = []
         self.flusher: asyncio.Task[None] | None = None
+        self.windows: dict[str, _Window] = {}
+        self.syncer: asyncio.Task[None] | None = None
+        self.synced_at = time.monotonic()
+        self._failure_logged_at = -math.inf
 
     @property
     def base_exceptions(self) -> type[Exception] | tuple[type[Exception], ...]:
         return SQLAlchemyError
 
     async def incr(self, key: str, expiry: int, amount: int = 1) -> int:
-        """Count `amount` more in the key's window; return the window's count after it.
+        """Count `amount` more in the key's window; return the window's count after it."""
+        if self.sync_interval <= 0:
+            future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            self.queue.append(_Increment(key, expiry, amount, future))
+            if self.flusher is None or self.flusher.done():
+                self.flusher = asyncio.create_task(self._flush())
+            return await future
+        now = time.time()
+        window = self.windows.get(key)
+        if window is None or window.expires_at <= now:
+            window = self.windows[key] = _Window(0, 0, now + expiry, expiry)
+        window.hits += amount
+        window.pending += amount
+        if time.monotonic() - self.synced_at >= self.sync_interval and (
+            self.syncer is None or self.syncer.done()
+        ):
+            # Requests drive the syncing: nothing runs, or waits to run, between them.
+            self.synced_at = time.monotonic()
+            self.syncer = asyncio.create_task(self.sync())
+        return window.hits
 
-        Concurrent increments share one statement (a group commit, as sign-ups do): the
-        request that finds no statement in flight starts one, the others queue for the next.
-        """
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self.queue.append(_Increment(key, expiry, amount, future))
-        if self.flusher is None or self.flusher.done():
-            self.flusher = asyncio.create_task(self._flush())
-        return await future
+    # ------------------------------------------------------------ exact mode
 
     async def _flush(self) -> None:
         while self.queue:
             batch, self.queue = self.queue, []
             try:
-                counts = await self._apply(batch)
+                shared = await self._upsert(
+                    [(item.key, item.amount, item.expiry) for item in batch], time.time()
+                )
             except Exception as exc:
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(exc)
                 continue
-            for item, hits in zip(batch, counts, strict=True):
+            # Each increment's count as if the batch had been applied one by one, in order.
+            running = {key: hits for key, (hits, _) in shared.items()}
+            for item in reversed(batch):
                 if not item.future.done():  # the request may have gone away meanwhile
-                    item.future.set_result(hits)
+                    item.future.set_result(running[item.key])
+                running[item.key] -= item.amount
 
-    async def _apply(self, batch: list[_Increment]) -> list[int]:
-        """One upsert for the whole batch; each increment's count as if applied in order."""
+    # ------------------------------------------------------------ synced mode
+
+    async def sync(self) -> None:
+        """Write this process's pending hits and read back the shared counts."""
         now = time.time()
+        for key in [k for k, w in self.windows.items() if w.expires_at <= now and not w.pending]:
+            del self.windows[key]
+        due = {key: window for key, window in self.windows.items() if window.pending}
+        if not due:
+            return
+        sent = {key: window.pending for key, window in due.items()}
+        try:
+            shared = await self._upsert(
+                [(key, sent[key], window.expiry) for key, window in due.items()], now
+            )
+        except (SQLAlchemyError, OSError) as exc:
+            # Counting goes on in memory; the hits are written with the next sync.
+            if time.monotonic() - self._failure_logged_at > OUTAGE_LOG_INTERVAL:
+                self._failure_logged_at = time.monotonic()
+                log.warning("writing rate-limit counts failed, retrying: %r", exc)
+            return
+        for key, (hits, expires_at) in shared.items():
+            window = self.windows.get(key)
+            if window is not due[key]:
+                continue  # the window ended meanwhile and a new one began here
+            window.pending -= sent[key]
+            window.hits = hits + window.pending
+            window.expires_at = expires_at
+
+    # ------------------------------------------------------------ both
+
+    async def _upsert(
+        self, increments: list[tuple[str, int, int]], now: float
+    ) -> dict[str, tuple[int, float]]:
+        """Add (key, amount, expiry) increments in one statement; the windows after it."""
         totals: dict[str, int] = {}
         expiries: dict[str, int] = {}
-        for item in batch:
-            totals[item.key] = totals.get(item.key, 0) + item.amount
-            expiries.setdefault(item.key, item.expiry)
+        for key, amount, expiry in increments:
+            totals[key] = totals.get(key, 0) + amount
+            expiries.setdefault(key, expiry)
         # Sorted keys: two processes' statements lock rows in the same order, no deadlock.
         rows = [
             {"key": key, "hits": totals[key], "expires_at": now + expiries[key]}
@@ -199,28 +273,28 @@ class DatabaseStorage(Storage):
                     (expired, stmt.excluded.expires_at), else_=_windows.c.expires_at
                 ),
             },
-        ).returning(_windows.c.key, _windows.c.hits)
+        ).returning(_windows.c.key, _windows.c.hits, _windows.c.expires_at)
         async with self.engine.begin() as conn:
-            after = {key: int(hits) for key, hits in (await conn.execute(stmt)).all()}
+            result = await conn.execute(stmt)
+            shared = {key: (int(hits), float(expires)) for key, hits, expires in result.all()}
             if time.monotonic() - self.swept_at > SWEEP_INTERVAL:
                 self.swept_at = time.monotonic()
                 await conn.execute(delete(_windows).where(_windows.c.expires_at <= now))
-        running = {key: after[key] - totals[key] for key in totals}
-        counts = []
-        for item in batch:
-            running[item.key] += item.amount
-            counts.append(running[item.key])
-        return counts
+        return shared
 
     async def _window(self, key: str) -> tuple[int, float]:
+        now = time.time()
+        local = self.windows.get(key)
+        if local is not None and local.expires_at > now:
+            return local.hits, local.expires_at
         async with self.engine.connect() as conn:
             row = (
                 await conn.execute(
                     select(_windows.c.hits, _windows.c.expires_at).where(_windows.c.key == key)
                 )
             ).first()
-        if row is None or row.expires_at <= time.time():
-            return 0, time.time()
+        if row is None or row.expires_at <= now:
+            return 0, now
         return int(row.hits), float(row.expires_at)
 
     async def get(self, key: str) -> int:
@@ -237,13 +311,22 @@ class DatabaseStorage(Storage):
         return True
 
     async def reset(self) -> int | None:
+        self.windows.clear()
         async with self.engine.begin() as conn:
             result = await conn.execute(delete(_windows))
         return int(result.rowcount)
 
     async def clear(self, key: str) -> None:
+        self.windows.pop(key, None)
         async with self.engine.begin() as conn:
             await conn.execute(delete(_windows).where(_windows.c.key == key))
+
+    async def close(self) -> None:
+        """Write what is still pending, then stop the background work."""
+        for task in (self.syncer, self.flusher):
+            if task is not None and not task.done():
+                await asyncio.gather(task, return_exceptions=True)
+        await self.sync()
 
 
 def storage_kind(settings: Settings) -> str:
@@ -279,7 +362,7 @@ class SignupLimiter:
                 key_prefix=settings.rate_limit_key_prefix,
             )
         elif self.kind == "database":
-            self.storage = DatabaseStorage(db)
+            self.storage = DatabaseStorage(db, settings.rate_limit_sync_seconds)
         elif self.kind == "memory":
             self.storage = MemoryStorage(wrap_exceptions=True)
         self.limiter = FixedWindowRateLimiter(self.storage) if self.storage is not None else None
@@ -317,9 +400,9 @@ class SignupLimiter:
         return None
 
     async def _hit_all(self, limiter: FixedWindowRateLimiter, key: str) -> list[bool]:
-        """Count the sign-up in every window. A remote store gets them at once: one batched
-        statement or one round trip instead of one per window; memory needs no such help."""
-        if self.kind == "memory":
+        """Count the sign-up in every window; the exact database storage gets them at once, to
+        write them in one statement instead of one per window."""
+        if not isinstance(self.storage, DatabaseStorage) or self.storage.sync_interval > 0:
             return [await limiter.hit(item, SIGNUP_SCOPE, key) for item in self.items]
         return list(
             await asyncio.gather(*(limiter.hit(item, SIGNUP_SCOPE, key) for item in self.items))
@@ -327,9 +410,7 @@ class SignupLimiter:
 
     async def close(self) -> None:
         if isinstance(self.storage, DatabaseStorage):
-            flusher = self.storage.flusher
-            if flusher is not None and not flusher.done():
-                await asyncio.gather(flusher, return_exceptions=True)
+            await self.storage.close()
         elif isinstance(self.storage, MemoryStorage):
             timer = self.storage.timer
             if timer is not None and not timer.done():

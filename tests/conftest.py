@@ -193,6 +193,9 @@ def settings(test_database: TestDatabase, smtp: SMTPServer, tmp_path: Path) -> S
         mail_from="news@example.org",
         run_worker=False,
         worker_backoff_base=0.0,
+        # One SMTP connection: the fault tests reason about the order of sends;
+        # test_outbox covers several lanes on its own.
+        worker_smtp_connections=1,
         worker_backoff_max=0.0,
         mail_timeout=5.0,
     )

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -18,11 +19,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+try:
+    from playwright.async_api import async_playwright, expect
+except ImportError:  # pragma: no cover - the test extra installs it
+    async_playwright = None
+
 from service import botcheck
+from service.app import create_app
 from service.config import Settings
 from service.db import Database
 from service.models import OutboxMessage, Subscriber
+from tests.conftest import TestDatabase as Backend
 from tests.conftest import free_port, make_newsletter
+from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, SiteHandler, allow, host_page
 from tests.test_ratelimit import BROWSER, service_with
 from tests.test_signup_api import (
     ACTIVE,
@@ -382,3 +391,81 @@ async def test_without_a_minimum_fill_time_no_form_time_is_needed(
         )
         assert answer.json() == PENDING
         assert await statuses(service.client, db) == {"reader@example.com": {"weekly": "pending"}}
+
+
+# ---------------------------------------------------------------- subscribe.js in a browser
+
+
+@pytest.fixture
+async def live_min_fill(
+    test_database: Backend, settings: Settings, db: Database
+) -> AsyncIterator[str]:
+    """The app under uvicorn with a 1 s minimum fill time; its base URL."""
+    if test_database.backend != "sqlite":
+        pytest.skip("the browser tests run on SQLite (the embedded default) only")
+    if not CHROMIUM.exists() or async_playwright is None:
+        pytest.skip("Chromium and playwright are needed (see tests/test_browser.py)")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    app = create_app(settings.model_copy(update={"base_url": url, "min_fill_seconds": 1.0}))
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", loop="asyncio", ws="none"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    for _ in range(400):
+        if server.started or not thread.is_alive():
+            break
+        await asyncio.sleep(0.025)
+    assert server.started, "uvicorn did not start"
+    yield url
+    server.should_exit = True
+    await asyncio.to_thread(thread.join, 15)
+
+
+@pytest.mark.parametrize("typing_time", [1.5, 0.0])
+async def test_subscribe_js_on_another_site_sends_the_time_its_form_was_shown(
+    live_min_fill: str, db: Database, settings: Settings, typing_time: float
+) -> None:
+    await make_newsletter(db, "weekly", name="The Weekly")
+    pages: dict[str, str] = {}
+    handler = type("Handler", (SiteHandler,), {"pages": pages})
+    site = ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    site_thread = threading.Thread(target=site.serve_forever, name="site", daemon=True)
+    site_thread.start()
+    origin = f"http://127.0.0.1:{site.server_address[1]}"
+    await allow(db, origin, "weekly")
+    pages["/"] = host_page(live_min_fill, checkboxes=False)
+    sent: list[dict[str, Any]] = []
+    try:
+        async with async_playwright() as playwright:
+            browser = await playwright.chromium.launch(
+                executable_path=str(CHROMIUM), args=CHROMIUM_ARGS
+            )
+            page = await browser.new_page()
+            page.on(
+                "request",
+                lambda r: (
+                    sent.append(r.post_data_json)
+                    if r.method == "POST" and r.url.endswith("/v1/subscriptions")
+                    else None
+                ),
+            )
+            await page.goto(origin + "/")
+            # subscribe.js fetched a token for the form as the page loaded.
+            await expect(page.locator('input[name="form_ts"]')).to_have_count(1)
+            await asyncio.sleep(typing_time)
+            await page.get_by_label("Email address").fill("reader@example.com")
+            await page.get_by_role("button", name="Subscribe").click()
+            await expect(page.get_by_role("status")).to_have_text(THANKS)
+            await browser.close()
+    finally:
+        site.shutdown()
+        site.server_close()
+        site_thread.join(5)
+
+    [body] = sent
+    assert botcheck.form_token_age(settings, body["form_ts"]) is not None
+    # The reader who took their time is signed up; the instant post was thanked and dropped.
+    assert await count(db, Subscriber) == (1 if typing_time else 0)

@@ -508,9 +508,10 @@ async def test_active_import_needs_a_consent_note(client: httpx.AsyncClient, db:
     )
     assert raw.status_code == 422
     assert raw.json()["errors"][0]["field"] == "consent_note"
-    unknown = await upload(client, key, b"email\nx@example.com\n", newsletter="nope")
-    assert unknown.status_code == 422
-    assert unknown.json()["errors"][0]["code"] == "unknown_newsletter"
+    for slug in ("nope", "bad\x00slug"):
+        unknown = await upload(client, key, b"email\nx@example.com\n", newsletter=slug)
+        assert unknown.status_code == 422
+        assert unknown.json()["errors"][0]["code"] == "unknown_newsletter"
     async with db.transaction() as session:
         assert await session.scalar(select(func.count()).select_from(ImportJob)) == 0
 

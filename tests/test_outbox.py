@@ -323,7 +323,11 @@ async def test_worker_whose_lease_ran_out_stops_sending(
     sink = StallingSink(stall_after=0)
     with own_smtp(sink) as server:
         fast = settings.model_copy(
-            update={"mail_url": server.url, "worker_lease": timedelta(seconds=4)}
+            update={
+                "mail_url": server.url,
+                "worker_lease": timedelta(seconds=4),
+                "worker_smtp_connections": 1,  # one slow connection holds the whole batch
+            }
         )
         slow_worker = DeliveryWorker(db, fast)
         other_db = Database(fast)
@@ -392,6 +396,7 @@ def worker_env(settings: Settings, database: TestDatabase, mail_url: str) -> dic
         NEWSLETTER_BASE_URL=settings.base_url,
         NEWSLETTER_SECRET_KEYS=",".join(settings.secret_keys),
         NEWSLETTER_WORKER_LEASE="3",
+        NEWSLETTER_WORKER_SMTP_CONNECTIONS="1",  # the test counts sends on one connection
         NEWSLETTER_WORKER_POLL_INTERVAL="0.2",
         NEWSLETTER_WORKER_BACKOFF_BASE="0",
         NEWSLETTER_MAIL_TIMEOUT="60",
@@ -490,3 +495,20 @@ async def test_one_batch_uses_one_smtp_connection(
         assert await worker.run_once() == 50
         assert recipients(sink) == dict.fromkeys(emails, 1)
         assert sink.greetings == 1
+
+
+async def test_several_smtp_lanes_deliver_each_message_once(
+    app: FastAPI, db: Database, settings: Settings
+) -> None:
+    await make_newsletter(db, "weekly")
+    emails = addresses("lanes", 50)
+    await signup_many(app, emails)
+
+    sink = CountingSink()
+    with own_smtp(sink) as server:
+        lanes = settings.model_copy(update={"mail_url": server.url, "worker_smtp_connections": 4})
+        worker = DeliveryWorker(db, lanes)
+        assert await worker.run_once() == 50
+        assert recipients(sink) == dict.fromkeys(emails, 1)
+        assert sink.greetings == 4  # one reused connection per lane
+        assert {r.status for r in await rows(db)} == {"sent"}

@@ -123,13 +123,16 @@ async def test_the_limit_is_counted_where_the_backend_default_says(
         assert service.app.state.limiter.kind == expected
 
 
-@pytest.mark.parametrize("storage", ["auto", "database"])
+@pytest.mark.parametrize(("storage", "sync"), [("auto", 1.0), ("database", 1.0), ("database", 0)])
 async def test_concurrent_signups_get_exactly_the_limit(
-    db: Database, settings: Settings, storage: str
+    db: Database, settings: Settings, storage: str, sync: float
 ) -> None:
     await make_newsletter(db, "weekly")
     async with service_with(
-        settings, signup_rate_limit="5/minute", rate_limit_storage=storage
+        settings,
+        signup_rate_limit="5/minute",
+        rate_limit_storage=storage,
+        rate_limit_sync_seconds=sync,
     ) as service:
         answers = await asyncio.gather(
             *(signup(service.client, f"r{i}@example.com", "weekly") for i in range(8))
@@ -346,11 +349,15 @@ async def test_another_key_prefix_is_another_count_in_redis(
         assert (await signup(two.client, "b@example.com", "weekly")).json() == PENDING
 
 
-async def test_two_processes_share_one_limit_in_the_database(
+async def test_two_processes_share_one_exact_limit_in_the_database(
     db: Database, settings: Settings
 ) -> None:
     await make_newsletter(db, "weekly")
-    shared = {"signup_rate_limit": "2/minute", "rate_limit_storage": "database"}
+    shared = {
+        "signup_rate_limit": "2/minute",
+        "rate_limit_storage": "database",
+        "rate_limit_sync_seconds": 0,
+    }
     async with service_with(settings, **shared) as one, service_with(settings, **shared) as two:
         assert one.app.state.limiter.kind == "database"
         answers = [
@@ -374,3 +381,42 @@ async def test_an_unreachable_redis_lets_signups_through_with_a_log_line(
             answers = [await signup(s.client, f"r{i}@example.com", "weekly") for i in range(2)]
     assert [a.status_code for a in answers] == [202, 202]
     assert any("rate-limit storage (redis) failed" in r.getMessage() for r in caplog.records)
+
+
+async def test_processes_syncing_through_the_database_learn_each_others_counts(
+    db: Database, settings: Settings
+) -> None:
+    await make_newsletter(db, "weekly")
+    shared = {
+        "signup_rate_limit": "2/minute",
+        "rate_limit_storage": "database",
+        "rate_limit_sync_seconds": 0.1,
+    }
+    async with service_with(settings, **shared) as one, service_with(settings, **shared) as two:
+        first = [await signup(one.client, f"r{i}@example.com", "weekly") for i in range(3)]
+        await asyncio.sleep(0.3)
+        # A request after the sync interval: `one` writes its hits in the background.
+        first.append(await signup(one.client, "r3@example.com", "weekly"))
+        await asyncio.sleep(0.3)
+        # `two` has not heard of this client yet: it counts on its own until it syncs.
+        unheard = await signup(two.client, "r4@example.com", "weekly")
+        await asyncio.sleep(0.3)
+        later = await signup(two.client, "r5@example.com", "weekly")
+    assert [a.status_code for a in first] == [202, 202, 429, 429]
+    assert unheard.status_code == 202
+    problem(later, 429)
+    retry_after(later)
+    assert await count(db, Subscriber) == 3
+
+
+async def test_counts_not_yet_synced_are_written_when_the_service_stops(
+    db: Database, settings: Settings
+) -> None:
+    await make_newsletter(db, "weekly")
+    limit = {"signup_rate_limit": "1/minute", "rate_limit_storage": "database"}
+    async with service_with(settings, **limit, rate_limit_sync_seconds=3600) as one:
+        assert (await signup(one.client, "a@example.com", "weekly")).status_code == 202
+    # `one` synced nothing while it ran (an hour's interval): it wrote its count on stopping.
+    async with service_with(settings, **limit, rate_limit_sync_seconds=0) as two:
+        problem(await signup(two.client, "b@example.com", "weekly"), 429)
+    assert await count(db, Subscriber) == 1

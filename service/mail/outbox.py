@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.models import OutboxMessage, OutboxStatus, utcnow
+from service.models import OutboxMessage, OutboxStatus, table, utcnow
 
 MAIL_TEMPLATES = ("confirmation", "welcome", "already_subscribed")
 
@@ -113,25 +113,34 @@ async def claim(
     return sorted((ClaimedMessage(*row) for row in rows), key=lambda m: m.id)
 
 
+_outbox = table(OutboxMessage)
+# One statement for every delivery: compiled once, run through the connection, not the ORM.
+MARK_SENT = (
+    update(_outbox)
+    .where(_outbox.c.id == bindparam("row_id"), _outbox.c.lease_owner == bindparam("owner"))
+    .values(
+        status=OutboxStatus.sent.value,
+        sent_at=bindparam("now"),
+        payload=None,
+        leased_until=None,
+        last_error=None,
+        message_id=bindparam("header_id"),
+    )
+)
+
+
 async def mark_sent(
     session: AsyncSession, owner: str, sent: list[tuple[int, str]], now: datetime | None = None
 ) -> None:
     """Record delivery and scrub the body (it holds a token); metadata stays."""
+    if not sent:
+        return
     now = now or utcnow()
-    for message_id, header_id in sent:
-        await session.execute(
-            update(OutboxMessage)
-            .where(OutboxMessage.id == message_id, OutboxMessage.lease_owner == owner)
-            .values(
-                status=OutboxStatus.sent.value,
-                sent_at=now,
-                payload=None,
-                leased_until=None,
-                last_error=None,
-                message_id=header_id,
-            )
-            .execution_options(synchronize_session=False)
-        )
+    conn = await session.connection()
+    await conn.execute(
+        MARK_SENT,
+        [{"row_id": i, "owner": owner, "now": now, "header_id": h} for i, h in sent],
+    )
 
 
 async def release(

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from email.message import EmailMessage
+from email.charset import QP, Charset
+from email.header import Header
+from email.mime.multipart import MIMEMultipart
+from email.mime.nonmultipart import MIMENonMultipart
 from email.utils import format_datetime, formataddr
 from typing import Any
 from urllib.parse import quote
@@ -42,6 +45,30 @@ class Links:
         return f"mailto:{local or 'newsletter'}+unsubscribe-{token}@{domain}?subject=unsubscribe"
 
 
+_UTF8_QP = Charset("utf-8")
+_UTF8_QP.body_encoding = QP  # readable source, unlike base64, and 7-bit safe
+
+
+@dataclass(frozen=True)
+class OutgoingMail:
+    """A rendered message: envelope addresses and the bytes to send."""
+
+    sender: str
+    recipient: str
+    data: bytes
+
+
+def _text_part(text: str, subtype: str) -> MIMENonMultipart:
+    part = MIMENonMultipart("text", subtype, charset="utf-8")
+    part.set_payload(text, _UTF8_QP)
+    return part
+
+
+def _header(value: str) -> str | Header:
+    """Non-ASCII header text as RFC 2047 encoded words (folded by the generator)."""
+    return value if value.isascii() else Header(value, "utf-8")
+
+
 def _one_line(value: str) -> str:
     """Header text on one line, whatever a newsletter's name holds."""
     return " ".join(value.split())
@@ -74,8 +101,8 @@ class MailRenderer:
         newsletters: Sequence[Newsletter],
         payload: dict[str, Any],
         message_id: str,
-    ) -> EmailMessage:
-        """Build one message in the newsletter's language.
+    ) -> OutgoingMail:
+        """Build one message in the newsletter's language, ready to send.
 
         Every template gets the same, fully server-made context: nothing a sign-up typed (a
         name, attributes) ever reaches a message, so the form cannot carry someone's words.
@@ -94,31 +121,41 @@ class MailRenderer:
             "base_url": self.settings.base_url,
             "lang": language,
         }
-        message = EmailMessage()
-        subject = self.text_env.get_template(f"{template}.subject.txt").render(context)
-        message["Subject"] = _one_line(subject)
-        message["From"] = formataddr(
-            (_one_line(context["sender_name"]), first.from_email or self.settings.mail_from)
-        )
-        message["To"] = recipient
-        if first.reply_to:
-            message["Reply-To"] = first.reply_to
-        message["Date"] = format_datetime(utcnow())
-        message["Message-ID"] = message_id
-        message["List-Id"] = formataddr(
-            (_one_line(first.name), f"{first.slug}.{self.settings.site_domain}")
-        )
-        message["Auto-Submitted"] = "auto-generated"
+        subject = _one_line(self.text_env.get_template(f"{template}.subject.txt").render(context))
+        sender = first.from_email or self.settings.mail_from
+        headers: list[tuple[str, str | Header]] = [
+            ("Subject", _header(subject)),
+            ("From", formataddr((_one_line(context["sender_name"]), sender), charset="utf-8")),
+            ("To", recipient),
+            *([("Reply-To", first.reply_to)] if first.reply_to else []),
+            ("Date", format_datetime(utcnow())),
+            ("Message-ID", message_id),
+            (
+                "List-Id",
+                formataddr(
+                    (_one_line(first.name), f"{first.slug}.{self.settings.site_domain}"),
+                    charset="utf-8",
+                ),
+            ),
+            ("Auto-Submitted", "auto-generated"),
+            ("Content-Language", language),
+        ]
         if template != "confirmation":
             https = self.links.unsubscribe(public_id, single)
-            message["List-Unsubscribe"] = f"<{https}>, <{self.links.unsubscribe_mailto(public_id)}>"
-            message["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
-        message.set_content(self.text_env.get_template(f"{template}.txt").render(context))
-        message.add_alternative(
-            self.html_env.get_template(f"{template}.html").render(context), subtype="html"
-        )
-        message["Content-Language"] = language  # after the body: set_content clears Content-*
-        return message
+            headers.append(
+                ("List-Unsubscribe", f"<{https}>, <{self.links.unsubscribe_mailto(public_id)}>")
+            )
+            headers.append(("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"))
+        # The compat32 MIME classes build and flatten a message several times faster than
+        # EmailMessage's header registry: rendering is most of the worker's time per mail.
+        message = MIMEMultipart("alternative")
+        for name, value in headers:
+            message[name] = value  # type: ignore[assignment]  # compat32 takes Header objects
+        text = self.text_env.get_template(f"{template}.txt").render(context)
+        html = self.html_env.get_template(f"{template}.html").render(context)
+        message.attach(_text_part(text, "plain"))
+        message.attach(_text_part(html, "html"))
+        return OutgoingMail(sender=sender, recipient=recipient, data=message.as_bytes())
 
     def message_id(self, outbox_id: int, created_at_ts: float) -> str:
         # Stable across retries, so a receiver can drop a duplicate of an at-least-once send.

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import mailbox
-from email.message import EmailMessage
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import aiosmtplib
+
+from service.mail.render import OutgoingMail
 
 
 class DeliveryError(Exception):
@@ -29,7 +30,7 @@ class Transport(Protocol):
         tb: TracebackType | None,
     ) -> None: ...
 
-    async def send(self, message: EmailMessage, envelope_from: str | None = None) -> None:
+    async def send(self, mail: OutgoingMail, envelope_from: str | None = None) -> None:
         """Deliver; `envelope_from` is the MAIL FROM (return path), else the From address."""
         ...
 
@@ -46,13 +47,12 @@ class MaildirTransport:
     async def __aexit__(self, *_: object) -> None:
         return None
 
-    async def send(self, message: EmailMessage, envelope_from: str | None = None) -> None:
-        if envelope_from:  # what the delivering MTA would have recorded
-            del message["Return-Path"]
-            message["Return-Path"] = f"<{envelope_from}>"
+    async def send(self, mail: OutgoingMail, envelope_from: str | None = None) -> None:
+        # What the delivering MTA would have recorded as the return path.
+        data = b"Return-Path: <" + (envelope_from or mail.sender).encode() + b">\r\n" + mail.data
 
         def write() -> None:
-            mailbox.Maildir(self.path, create=True).add(message)
+            mailbox.Maildir(self.path, create=True).add(data)
 
         await asyncio.to_thread(write)
 
@@ -105,10 +105,10 @@ class SMTPTransport:
             self.client = client
         return self.client
 
-    async def send(self, message: EmailMessage, envelope_from: str | None = None) -> None:
+    async def send(self, mail: OutgoingMail, envelope_from: str | None = None) -> None:
         try:
             client = await self._connect()
-            await client.send_message(message, sender=envelope_from)
+            await client.sendmail(envelope_from or mail.sender, [mail.recipient], mail.data)
         except aiosmtplib.SMTPRecipientsRefused as exc:
             await self._close()
             codes = [err.code for err in exc.recipients]

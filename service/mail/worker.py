@@ -39,6 +39,41 @@ class _Outcome:
     failed: list[tuple[int, str, bool, int]] = field(default_factory=list)
     untried: list[int] = field(default_factory=list)
     deferred: list[ClaimedMessage] = field(default_factory=list)
+    # Transient failures in a row across all lanes: the server is down, not one message bad.
+    transient_in_a_row: int = 0
+
+
+class _SentMarker:
+    """Group commit for delivery records: lanes that finish a send while a commit is running
+    share the next one, so marking costs one transaction per group, not per message."""
+
+    def __init__(self, db: Database, owner: str) -> None:
+        self.db = db
+        self.owner = owner
+        self.pending: list[tuple[int, str, asyncio.Future[None]]] = []
+        self.flushing: asyncio.Task[None] | None = None
+
+    async def mark(self, message_id: int, header_id: str) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.pending.append((message_id, header_id, done))
+        if self.flushing is None or self.flushing.done():
+            self.flushing = asyncio.create_task(self._flush())
+        await done
+
+    async def _flush(self) -> None:
+        while self.pending:
+            group, self.pending = self.pending, []
+            try:
+                async with self.db.transaction() as session:
+                    await outbox.mark_sent(session, self.owner, [(i, h) for i, h, _ in group])
+            except Exception as exc:
+                for _, _, done in group:
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            for _, _, done in group:
+                if not done.done():
+                    done.set_result(None)
 
 
 class DeliveryWorker:
@@ -58,6 +93,7 @@ class DeliveryWorker:
         self.owner = f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.wakeup = asyncio.Event()
         self.next_purge = 0.0
+        self.marker = _SentMarker(db, self.owner)
 
     async def run_once(self) -> int:
         """Deliver one batch; return how many messages were claimed."""
@@ -87,15 +123,31 @@ class DeliveryWorker:
             ids = {nid for m in batch if m.payload for nid in m.payload.get("newsletters", [])}
             rows = await session.scalars(select(Newsletter).where(Newsletter.id.in_(ids)))
             newsletters = {n.id: n for n in rows}
-        transient_in_a_row = 0
+        # Several SMTP connections at once: each exchange waits on the server most of the
+        # time, so a few lanes multiply what one worker delivers.
+        lanes = max(1, min(self.settings.worker_smtp_connections, len(batch)))
+        await asyncio.gather(
+            *(
+                self._send_lane(batch[lane::lanes], newsletters, send_until, outcome)
+                for lane in range(lanes)
+            )
+        )
+
+    async def _send_lane(
+        self,
+        messages: list[ClaimedMessage],
+        newsletters: dict[int, Newsletter],
+        send_until: float,
+        outcome: _Outcome,
+    ) -> None:
         async with self.transport_factory() as transport:
-            for index, message in enumerate(batch):
+            for index, message in enumerate(messages):
                 if time.monotonic() >= send_until:
-                    outcome.untried = [m.id for m in batch[index:]]
-                    log.warning("lease running out: %d messages handed back", len(batch) - index)
+                    outcome.untried.extend(m.id for m in messages[index:])
+                    log.warning("lease running out: %d messages handed back", len(messages) - index)
                     break
-                if transient_in_a_row >= OUTAGE_AFTER:
-                    outcome.deferred = batch[index:]
+                if outcome.transient_in_a_row >= OUTAGE_AFTER:
+                    outcome.deferred.extend(messages[index:])
                     break
                 header_id = self.renderer.message_id(message.id, message.created_at.timestamp())
                 try:
@@ -118,17 +170,19 @@ class DeliveryWorker:
                     )
                     await transport.send(email, envelope_from)
                 except DeliveryError as exc:
-                    transient_in_a_row = 0 if exc.permanent else transient_in_a_row + 1
+                    outcome.transient_in_a_row = (
+                        0 if exc.permanent else outcome.transient_in_a_row + 1
+                    )
                     outcome.failed.append((message.id, str(exc), exc.permanent, message.attempts))
                     continue
                 except Exception as exc:  # a template bug must not stall the queue
                     log.exception("rendering outbox message %s failed", message.id)
                     outcome.failed.append((message.id, repr(exc), True, message.attempts))
                     continue
-                transient_in_a_row = 0
-                # Recorded at once: a crash later in the batch must not send this one again.
-                async with self.db.transaction() as session:
-                    await outbox.mark_sent(session, self.owner, [(message.id, header_id)])
+                outcome.transient_in_a_row = 0
+                # Recorded before this lane sends again: a crash later in the batch must not
+                # send this one a second time.
+                await self.marker.mark(message.id, header_id)
                 DELIVERIES.labels("email", "sent").inc()
 
     async def _call_webhooks(
@@ -177,7 +231,7 @@ class DeliveryWorker:
         async with self.db.transaction() as session:
             await outbox.release(session, self.owner, outcome.untried)
             if outcome.deferred:
-                first = outcome.deferred[0]
+                first = min(outcome.deferred, key=lambda m: m.attempts)
                 await outbox.release(
                     session,
                     self.owner,
