@@ -638,7 +638,7 @@ class _Reader:
             encoded,
             tokens.new_public_id(),
             suppression.address_hash(key),
-            suppression._domains(key),
+            suppression.domains_of(key),
         )
 
 
@@ -747,6 +747,24 @@ async def _claim(db: Database, job_id: int) -> _Job:
             Path(job.path),
             f"import #{job.id}",
         )
+
+
+async def fail_interrupted(session: AsyncSession, now: datetime | None = None) -> int:
+    """Imports whose process stopped mid-way (their lease ran out) are reported as failed,
+    so ops see them and upload again; rows already written stay (each chunk is whole)."""
+    now = now or utcnow()
+    result = await session.execute(
+        update(ImportJob)
+        .where(ImportJob.status == "running", ImportJob.leased_until < now)
+        .values(
+            status="failed",
+            error="interrupted: the process stopped during the import; upload the file again",
+            finished_at=now,
+            leased_until=None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
 async def _finish(db: Database, job_id: int, status: str, error: str | None) -> None:
@@ -940,7 +958,9 @@ async def _write_pending(
     """Pending: the sign-up path itself, so each new person gets a confirmation mail."""
     rows, skipped = await _refused(session, rows)
     ids, reasons = await _known(session, job, [r.address.key for r in rows])
-    consent = Consent(source="import", user_agent=job.marker, page=job.note or None)
+    consent = Consent(
+        source="import", user_agent=job.marker, page=job.note or None, actor=job.actor
+    )
     requests: list[tuple[SignupInput, Consent]] = []
     for row in rows:
         reason = reasons.get(ids.get(row.address.key, 0))

@@ -45,6 +45,7 @@ class Consent:
     ip: str | None = None
     user_agent: str | None = None
     page: str | None = None
+    actor: str | None = None  # who acted, for the event log, when not the reader (a key)
 
     def columns(self, now: datetime) -> dict[str, Any]:
         return {
@@ -113,7 +114,13 @@ def consent_event(
     **data: Any,
 ) -> dict[str, Any]:
     return events.event_row(
-        type_, subscriber_id, newsletter_id, consent.source, consent.ip, now, **data
+        type_,
+        subscriber_id,
+        newsletter_id,
+        consent.actor or consent.source,
+        consent.ip,
+        now,
+        **data,
     )
 
 

@@ -44,16 +44,23 @@ async def search_subscribers(
     newsletter: str | None = None,
     status: str | None = None,
     limit: int = 50,
-    after_id: int | None = None,
+    after: int | str | None = None,
 ) -> list[SubscriberRow]:
-    """Subscribers in id order after the cursor, filtered; two queries, whatever the page size."""
-    query = select(Subscriber).order_by(Subscriber.id).limit(limit)
-    if after_id is not None:
-        query = query.where(Subscriber.id > after_id)
+    """Subscribers after the cursor, filtered; two queries, whatever the page size.
+
+    A prefix search walks the address index in address order (the cursor is the last
+    address), reading only one page of it; other searches go in id order."""
+    query = select(Subscriber).limit(limit)
     if email_prefix:
         query = query.where(
             Subscriber.email_key.like(_escape_like(email_prefix.lower()) + "%", escape="\\")
-        )
+        ).order_by(Subscriber.email_key)
+        if isinstance(after, str):
+            query = query.where(Subscriber.email_key > after)
+    else:
+        query = query.order_by(Subscriber.id)
+        if isinstance(after, int):
+            query = query.where(Subscriber.id > after)
     if newsletter or status:
         sub = select(Subscription.subscriber_id).join(
             Newsletter, Newsletter.id == Subscription.newsletter_id
@@ -155,7 +162,7 @@ async def add_subscriber(
     existing = await session.scalar(select(Subscriber.id).where(Subscriber.email_key == key))
     if existing is not None:
         raise Conflict("This address is already a subscriber; set its subscriptions instead.")
-    consent = Consent(source="admin", page=note or None)
+    consent = Consent(source="admin", page=note or None, actor=actor)
     if status == Status.pending.value:
         await subscribe(session, settings, data, consent, now)
         return await session.get_one(Subscriber, await _id_of(session, key))

@@ -20,7 +20,7 @@ def address_hash(email_key: str) -> str:
     return hashlib.sha256(email_key.encode()).hexdigest()
 
 
-def _domains(email_key: str) -> list[str]:
+def domains_of(email_key: str) -> list[str]:
     """example.com for a@example.com, and every parent of a subdomain (mail.example.com)."""
     domain = email_key.rpartition("@")[2]
     labels = domain.split(".")
@@ -62,7 +62,7 @@ async def blocked(session: AsyncSession, email_keys: Iterable[str]) -> set[str]:
     keys = list(email_keys)
     if not keys:
         return set()
-    domains = {d for k in keys for d in _domains(k)}
+    domains = {d for k in keys for d in domains_of(k)}
     rows = (
         await (await session.connection()).execute(
             select(BlockedEntry.kind, BlockedEntry.value).where(
@@ -77,7 +77,7 @@ async def blocked(session: AsyncSession, email_keys: Iterable[str]) -> set[str]:
         return set()
     addresses = {v for kind, v in rows if kind == "address"}
     bad_domains = {v for kind, v in rows if kind == "domain"}
-    return {k for k in keys if k in addresses or any(d in bad_domains for d in _domains(k))}
+    return {k for k in keys if k in addresses or any(d in bad_domains for d in domains_of(k))}
 
 
 async def add_block(session: AsyncSession, kind: str, value: str, note: str = "") -> BlockedEntry:

@@ -25,7 +25,7 @@ def new_public_id() -> str:
 
 
 def _signature(key: str, public_id: str) -> str:
-    digest = hmac.new(key.encode(), b"manage:" + public_id.encode(), hashlib.sha256).digest()
+    digest = hmac.digest(key.encode(), b"manage:" + public_id.encode(), "sha256")
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 

@@ -409,3 +409,34 @@ async def test_stats_are_computed_by_the_database(
     async with db.transaction() as session:
         count = await session.scalar(select(func.count()).select_from(text("events")))
     assert count == 8  # newsletter.created, 4 pending, 3 confirmed; the repeat adds none
+
+
+async def test_prefix_search_pages_in_address_order(
+    client: httpx.AsyncClient, db: Database
+) -> None:
+    headers = await make_key(db, "read")
+    await make_newsletter(db, "weekly", opt_in="single")
+    for local in ("zed", "anna", "bob", "carol", "ann_x", "annie"):
+        await client.post(
+            "/v1/subscriptions", json={"email": f"{local}@example.com", "newsletters": ["weekly"]}
+        )
+    first = (
+        await client.get(
+            "/v1/admin/subscribers", params={"email": "ann", "limit": 2}, headers=headers
+        )
+    ).json()
+    assert [i["email"] for i in first["items"]] == ["ann_x@example.com", "anna@example.com"]
+    second = (
+        await client.get(
+            "/v1/admin/subscribers",
+            params={"email": "ann", "limit": 2, "cursor": first["next_cursor"]},
+            headers=headers,
+        )
+    ).json()
+    assert [i["email"] for i in second["items"]] == ["annie@example.com"]
+    assert second["next_cursor"] is None
+    # "_" and "%" are not wildcards.
+    literal = (
+        await client.get("/v1/admin/subscribers", params={"email": "ann_"}, headers=headers)
+    ).json()
+    assert [i["email"] for i in literal["items"]] == ["ann_x@example.com"]

@@ -64,6 +64,22 @@ def decode_cursor(cursor: str | None) -> int | None:
     raise InvalidInput([FieldError("cursor", "invalid_cursor", "This cursor is not valid.")])
 
 
+def encode_key_cursor(last_key: str) -> str:
+    return base64.urlsafe_b64encode(b"k:" + last_key.encode()).decode().rstrip("=")
+
+
+def decode_any_cursor(cursor: str | None) -> int | str | None:
+    """An id cursor, or an address cursor (prefix searches walk addresses in order)."""
+    if cursor and len(cursor) <= 600:
+        try:
+            raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            raw = ""
+        if raw.startswith("k:"):
+            return raw[2:]
+    return decode_cursor(cursor)
+
+
 def next_cursor(ids: list[int], limit: int) -> str | None:
     """A cursor only when the page is full: keyset pagination stays right while rows arrive."""
     return encode_cursor(ids[-1]) if ids and len(ids) == limit else None

@@ -13,7 +13,8 @@ from service.api.admin_common import (
     INVALID,
     NOT_FOUND,
     actor,
-    decode_cursor,
+    decode_any_cursor,
+    encode_key_cursor,
     next_cursor,
 )
 from service.api.admin_schemas import (
@@ -96,7 +97,7 @@ async def search_subscribers(
     newsletter: Annotated[str | None, Query(max_length=64)] = None,
     status: Annotated[Status | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    cursor: Annotated[str | None, Query(max_length=64)] = None,
+    cursor: Annotated[str | None, Query(max_length=600)] = None,
 ) -> SubscriberPage:
     async with db.transaction() as session:
         rows = await subscriber_service.search_subscribers(
@@ -105,7 +106,7 @@ async def search_subscribers(
             newsletter=newsletter,
             status=status.value if status else None,
             limit=limit,
-            after_id=decode_cursor(cursor),
+            after=decode_any_cursor(cursor),
         )
     return SubscriberPage(
         items=[
@@ -120,7 +121,11 @@ async def search_subscribers(
             )
             for row in rows
         ],
-        next_cursor=next_cursor([row.subscriber.id for row in rows], limit),
+        next_cursor=(
+            (encode_key_cursor(rows[-1].subscriber.email_key) if len(rows) == limit else None)
+            if email
+            else next_cursor([row.subscriber.id for row in rows], limit)
+        ),
     )
 
 

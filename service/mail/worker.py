@@ -16,7 +16,7 @@ from datetime import timedelta
 import httpx
 from sqlalchemy import insert, select
 
-from service import purge, tokens, webhooks
+from service import csv_io, purge, tokens, webhooks
 from service.config import Settings
 from service.db import Database
 from service.mail import outbox
@@ -252,15 +252,16 @@ class DeliveryWorker:
             attempts, self.settings.worker_backoff_base, self.settings.worker_backoff_max
         )
 
-    async def purge_if_due(self) -> None:
-        """Purge stale pending sign-ups, at most once an hour per worker (and, on
-        PostgreSQL, by one process at a time)."""
-        age = self.settings.purge_pending_after
-        if not age or time.monotonic() < self.next_purge:
+    async def housekeeping_if_due(self) -> None:
+        """At most once an hour per worker: report imports whose process died as failed, and
+        purge stale pending sign-ups (on PostgreSQL by one process at a time)."""
+        if time.monotonic() < self.next_purge:
             return
         self.next_purge = time.monotonic() + PURGE_EVERY
+        age = self.settings.purge_pending_after
         async with self.db.transaction() as session:
-            result = await purge.purge_pending(session, age)
+            await csv_io.fail_interrupted(session)
+            result = await purge.purge_pending(session, age) if age else None
         if result and (result.subscriptions or result.subscribers):
             log.info(
                 "purged %d pending subscriptions and %d subscribers",
@@ -272,7 +273,7 @@ class DeliveryWorker:
         """Deliver until `stop` is set; sleep on the wake-up event or the poll interval."""
         while not stop.is_set():
             try:
-                await self.purge_if_due()
+                await self.housekeeping_if_due()
                 claimed = await self.run_once()
             except Exception:
                 log.exception("delivery batch failed; retrying after the poll interval")
