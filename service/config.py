@@ -38,6 +38,9 @@ class Settings(BaseSettings):
         default="", description="smtp://, smtps:// or maildir:///path; empty = Maildir in data_dir."
     )
     mail_from: str = Field(default="newsletter@localhost", description="Default sender address.")
+    mail_rate_limit: float = Field(
+        default=0.0, description="Most messages a second one worker sends (0 = no limit)."
+    )
     mail_timeout: float = Field(default=30.0, description="Seconds an SMTP exchange may take.")
     check_deliverability: bool = Field(
         default=False, description="Check the address's domain has MX (or A) records."

@@ -325,3 +325,18 @@ class RateLimitWindow(Base):
     key: Mapped[str] = mapped_column(String(255), primary_key=True)
     hits: Mapped[int] = mapped_column(Integer)
     expires_at: Mapped[float] = mapped_column(Double)  # Unix time: the clock `limits` keeps
+
+
+class DeliveryAttempt(Base):
+    """One try at delivering an outbox message: what happened and why, for every attempt."""
+
+    __tablename__ = "delivery_attempts"
+    __table_args__ = (Index(None, "outbox_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    outbox_id: Mapped[int] = mapped_column(BigId)
+    attempt: Mapped[int] = mapped_column(Integer)
+    result: Mapped[str] = mapped_column(String(16))  # sent, retry, dead, deferred
+    error: Mapped[str | None] = mapped_column(Text)
+    worker: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -11,6 +11,7 @@ from sqlalchemy import delete, exists, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.errors import FieldError, InvalidInput
+from service.mail import outbox
 from service.models import (
     Confirmation,
     Event,
@@ -63,6 +64,11 @@ async def purge_pending(
     doomed_ids = list(await session.scalars(doomed))
     removed = await session.execute(delete(Subscription).where(stale))
     if doomed_ids:
+        await session.execute(
+            outbox.attempts_of(
+                select(OutboxMessage.id).where(OutboxMessage.subscriber_id.in_(doomed_ids))
+            )
+        )
         for model in (Event, OutboxMessage):
             await session.execute(delete(model).where(model.subscriber_id.in_(doomed_ids)))
         await session.execute(

@@ -380,12 +380,12 @@ async def erase_subscriber(
     now = now or utcnow()
     subscriber = await get_subscriber(session, public_id)
     await session.execute(delete(Event).where(Event.subscriber_id == subscriber.id))
-    await session.execute(
-        delete(OutboxMessage).where(
-            (OutboxMessage.subscriber_id == subscriber.id)
-            | (OutboxMessage.recipient == subscriber.email)
-        )
+    theirs = (OutboxMessage.subscriber_id == subscriber.id) | (
+        OutboxMessage.recipient == subscriber.email
     )
+    # Attempt errors can quote the address ("550 <x@y> unknown"): they go with the mail.
+    await session.execute(outbox.attempts_of(select(OutboxMessage.id).where(theirs)))
+    await session.execute(delete(OutboxMessage).where(theirs))
     await session.execute(delete(Confirmation).where(Confirmation.subscriber_id == subscriber.id))
     await session.execute(delete(Subscription).where(Subscription.subscriber_id == subscriber.id))
     await session.execute(delete(Subscriber).where(Subscriber.id == subscriber.id))

@@ -10,6 +10,7 @@ from sqlalchemy import delete, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service import events
 from service.addresses import normalise
 from service.errors import Conflict, FieldError, InvalidInput, NotFound
 from service.models import BlockedEntry, Suppression, table, utcnow
@@ -80,7 +81,9 @@ async def blocked(session: AsyncSession, email_keys: Iterable[str]) -> set[str]:
     return {k for k in keys if k in addresses or any(d in bad_domains for d in domains_of(k))}
 
 
-async def add_block(session: AsyncSession, kind: str, value: str, note: str = "") -> BlockedEntry:
+async def add_block(
+    session: AsyncSession, kind: str, value: str, note: str = "", actor: str = "cli"
+) -> BlockedEntry:
     """Block an address (normalised) or a domain (and with it its subdomains)."""
     if kind == "address":
         checked = normalise(value)
@@ -108,6 +111,7 @@ async def add_block(session: AsyncSession, kind: str, value: str, note: str = ""
     entry = BlockedEntry(kind=kind, value=value, note=note[:500], created_at=utcnow())
     session.add(entry)
     await session.flush()
+    await _audit(session, "blocklist.added", actor, kind=kind, value=value)
     return entry
 
 
@@ -120,7 +124,17 @@ async def list_blocks(
     return list(await session.scalars(query))
 
 
-async def delete_block(session: AsyncSession, entry_id: int) -> None:
-    if await session.get(BlockedEntry, entry_id) is None:
+async def delete_block(session: AsyncSession, entry_id: int, actor: str = "cli") -> None:
+    entry = await session.get(BlockedEntry, entry_id)
+    if entry is None:
         raise NotFound("No such blocklist entry.")
     await session.execute(delete(BlockedEntry).where(BlockedEntry.id == entry_id))
+    await _audit(session, "blocklist.removed", actor, kind=entry.kind, value=entry.value)
+
+
+async def _audit(session: AsyncSession, type_: str, actor: str, **data: str) -> None:
+    # The audit trail of the blocklist; blocked addresses are policy, not a subscriber's data.
+
+    await events.record(
+        session, [events.event_row(type_, None, None, actor, None, utcnow(), **data)]
+    )

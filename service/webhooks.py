@@ -17,6 +17,7 @@ import httpx
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service import events
 from service.errors import FieldError, InvalidInput, NotFound
 from service.events import EVENT_TYPES
 from service.models import Event, Newsletter, Subscriber, Webhook, WebhookDelivery, utcnow
@@ -40,8 +41,19 @@ def _check(url: str | None, event_types: list[str] | None) -> None:
         raise InvalidInput(errors)
 
 
+async def _audit(session: AsyncSession, type_: str, hook_id: int, actor: str, **data: Any) -> None:
+    await events.record(
+        session,
+        [events.event_row(type_, None, None, actor, None, utcnow(), webhook=hook_id, **data)],
+    )
+
+
 async def create_webhook(
-    session: AsyncSession, url: str, event_types: list[str], secret: str | None = None
+    session: AsyncSession,
+    url: str,
+    event_types: list[str],
+    secret: str | None = None,
+    actor: str = "cli",
 ) -> Webhook:
     """Register a receiver; the signing secret is generated unless given."""
     _check(url, event_types)
@@ -54,6 +66,7 @@ async def create_webhook(
     )
     session.add(hook)
     await session.flush()
+    await _audit(session, "webhook.created", hook.id, actor, url=url)
     return hook
 
 
@@ -69,7 +82,7 @@ async def list_webhooks(session: AsyncSession) -> list[Webhook]:
 
 
 async def update_webhook(
-    session: AsyncSession, webhook_id: int, changes: Mapping[str, Any]
+    session: AsyncSession, webhook_id: int, changes: Mapping[str, Any], actor: str = "cli"
 ) -> Webhook:
     hook = await get_webhook(session, webhook_id)
     _check(changes.get("url"), changes.get("event_types"))
@@ -77,12 +90,14 @@ async def update_webhook(
         if changes.get(key) is not None:
             setattr(hook, key, changes[key])
     await session.flush()
+    await _audit(session, "webhook.updated", hook.id, actor, fields=sorted(changes))
     return hook
 
 
-async def delete_webhook(session: AsyncSession, webhook_id: int) -> None:
+async def delete_webhook(session: AsyncSession, webhook_id: int, actor: str = "cli") -> None:
     await get_webhook(session, webhook_id)
     await session.execute(delete(Webhook).where(Webhook.id == webhook_id))
+    await _audit(session, "webhook.deleted", webhook_id, actor)
 
 
 async def deliveries(

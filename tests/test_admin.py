@@ -356,6 +356,13 @@ async def test_blocklist_is_honoured_by_signup_and_admin_add(
         headers=headers,
     )
     assert admin_add.status_code == 422
+    audit = (
+        await client.get("/v1/admin/events", params={"type": "blocklist.added"}, headers=headers)
+    ).json()["items"]
+    assert [(e["actor"], e["data"]["value"]) for e in audit] == [
+        ("key:ops", "spam.example"),
+        ("key:ops", "bad@example.com"),
+    ]
     listed = (await client.get("/v1/admin/blocklist", headers=headers)).json()["items"]
     assert [e["value"] for e in listed] == ["spam.example", "bad@example.com"]
     assert (

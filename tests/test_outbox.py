@@ -26,8 +26,8 @@ from sqlalchemy import select
 from service.config import Settings
 from service.db import Database
 from service.mail import outbox
-from service.mail.worker import DeliveryWorker
-from service.models import OutboxMessage, utcnow
+from service.mail.worker import DeliveryWorker, SendPacer
+from service.models import DeliveryAttempt, OutboxMessage, utcnow
 from tests.conftest import (
     SMTPServer,
     SMTPSink,
@@ -512,3 +512,34 @@ async def test_several_smtp_lanes_deliver_each_message_once(
         assert recipients(sink) == dict.fromkeys(emails, 1)
         assert sink.greetings == 4  # one reused connection per lane
         assert {r.status for r in await rows(db)} == {"sent"}
+
+
+def test_send_pacer_spaces_sends_to_the_quota() -> None:
+    clock = [100.0]
+    pacer = SendPacer(rate=4, clock=lambda: clock[0])
+    waits = [pacer.reserve() for _ in range(5)]
+    assert waits == [0.0, 0.25, 0.5, 0.75, 1.0]
+    clock[0] = 110.0  # idle for a while: no debt is carried over
+    assert pacer.reserve() == 0.0
+    assert SendPacer(rate=0).reserve() == 0.0
+
+
+async def test_every_attempt_is_logged(app: FastAPI, db: Database, settings: Settings) -> None:
+    await make_newsletter(db, "weekly")
+    await signup_many(app, ["logged@example.com"])
+    sink = SMTPSink(fail_with="451 try later")
+    with own_smtp(sink) as server:
+        worker = DeliveryWorker(db, settings.model_copy(update={"mail_url": server.url}))
+        await worker.run_once()
+        sink.fail_with = None
+        await deliver(worker)
+    async with db.transaction() as session:
+        log = (
+            await session.execute(
+                select(
+                    DeliveryAttempt.attempt, DeliveryAttempt.result, DeliveryAttempt.error
+                ).order_by(DeliveryAttempt.id)
+            )
+        ).all()
+    assert [(n, result) for n, result, _ in log] == [(1, "retry"), (2, "sent")]
+    assert "451" in (log[0][2] or "")

@@ -12,6 +12,7 @@ from service.api.admin_common import (
     CONFLICT,
     INVALID,
     NOT_FOUND,
+    actor,
     decode_cursor,
     encode_cursor,
     next_cursor,
@@ -89,9 +90,11 @@ def webhook_out(hook: Webhook) -> WebhookOut:
     tags=["admin: webhooks"],
     summary="Register a webhook",
 )
-async def create_webhook(body: WebhookCreate, db: DbDep, _key: AdminKey) -> WebhookCreated:
+async def create_webhook(body: WebhookCreate, db: DbDep, key: AdminKey) -> WebhookCreated:
     async with db.transaction() as session:
-        hook = await webhooks.create_webhook(session, body.url, body.event_types, body.secret)
+        hook = await webhooks.create_webhook(
+            session, body.url, body.event_types, body.secret, actor(key)
+        )
     return WebhookCreated(**webhook_out(hook).model_dump(), secret=hook.secret)
 
 
@@ -124,11 +127,11 @@ async def get_webhook(webhook_id: int, db: DbDep, _key: ReadKey) -> WebhookOut:
     summary="Change a webhook's URL, event types or switch it off",
 )
 async def update_webhook(
-    webhook_id: int, body: WebhookPatch, db: DbDep, _key: AdminKey
+    webhook_id: int, body: WebhookPatch, db: DbDep, key: AdminKey
 ) -> WebhookOut:
     async with db.transaction() as session:
         hook = await webhooks.update_webhook(
-            session, webhook_id, body.model_dump(exclude_unset=True)
+            session, webhook_id, body.model_dump(exclude_unset=True), actor(key)
         )
         return webhook_out(hook)
 
@@ -140,9 +143,9 @@ async def update_webhook(
     tags=["admin: webhooks"],
     summary="Delete a webhook",
 )
-async def delete_webhook(webhook_id: int, db: DbDep, _key: AdminKey) -> Response:
+async def delete_webhook(webhook_id: int, db: DbDep, key: AdminKey) -> Response:
     async with db.transaction() as session:
-        await webhooks.delete_webhook(session, webhook_id)
+        await webhooks.delete_webhook(session, webhook_id, actor(key))
     return Response(status_code=204)
 
 
@@ -192,9 +195,11 @@ def block_out(entry: BlockedEntry) -> BlockOut:
     tags=["admin: blocklist"],
     summary="Block an address or a domain",
 )
-async def add_block(body: BlockCreate, db: DbDep, _key: AdminKey) -> BlockOut:
+async def add_block(body: BlockCreate, db: DbDep, key: AdminKey) -> BlockOut:
     async with db.transaction() as session:
-        return block_out(await suppression.add_block(session, body.kind, body.value, body.note))
+        return block_out(
+            await suppression.add_block(session, body.kind, body.value, body.note, actor(key))
+        )
 
 
 @router.get(
@@ -217,7 +222,7 @@ async def list_blocks(
     tags=["admin: blocklist"],
     summary="Unblock",
 )
-async def delete_block(entry_id: int, db: DbDep, _key: AdminKey) -> Response:
+async def delete_block(entry_id: int, db: DbDep, key: AdminKey) -> Response:
     async with db.transaction() as session:
-        await suppression.delete_block(session, entry_id)
+        await suppression.delete_block(session, entry_id, actor(key))
     return Response(status_code=204)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.models import OutboxMessage, OutboxStatus, table, utcnow
+from service.models import DeliveryAttempt, OutboxMessage, OutboxStatus, table, utcnow
 
 MAIL_TEMPLATES = ("confirmation", "welcome", "already_subscribed")
 
@@ -246,3 +247,34 @@ async def retry_dead(
         query = query.where(OutboxMessage.id.in_(message_ids))
     result = await session.execute(query)
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+async def log_attempts(
+    session: AsyncSession,
+    worker: str,
+    attempts: Sequence[tuple[int, int, str, str | None]],
+    now: datetime | None = None,
+) -> None:
+    """Append (outbox id, attempt number, result, error) rows to the attempt log."""
+    if not attempts:
+        return
+    now = now or utcnow()
+    await (await session.connection()).execute(
+        insert(table(DeliveryAttempt)),
+        [
+            {
+                "outbox_id": i,
+                "attempt": n,
+                "result": result,
+                "error": (error or None) and error[:2000],
+                "worker": worker,
+                "created_at": now,
+            }
+            for i, n, result, error in attempts
+        ],
+    )
+
+
+def attempts_of(message_ids: Any) -> Any:
+    """The attempt log rows of these outbox rows (for erasure and purging)."""
+    return delete(DeliveryAttempt).where(DeliveryAttempt.outbox_id.in_(message_ids))

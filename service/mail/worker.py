@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 # the batch waits for the next try instead of each message timing out on its own.
 OUTAGE_AFTER = 3
 PURGE_EVERY = 3600.0
+DEFERRED = "deferred: the mail server failed the messages before these"
 
 
 @dataclass
@@ -43,6 +44,29 @@ class _Outcome:
     transient_in_a_row: int = 0
 
 
+class SendPacer:
+    """Spaces sends to at most `rate` a second (a provider's quota), across all lanes."""
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = 1.0 / rate if rate > 0 else 0.0
+        self.clock = clock
+        self.next_slot = 0.0
+
+    def reserve(self) -> float:
+        """Take the next free slot; return how long to wait for it."""
+        if not self.interval:
+            return 0.0
+        now = self.clock()
+        slot = max(now, self.next_slot)
+        self.next_slot = slot + self.interval
+        return slot - now
+
+    async def wait(self) -> None:
+        delay = self.reserve()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
 class _SentMarker:
     """Group commit for delivery records: lanes that finish a send while a commit is running
     share the next one, so marking costs one transaction per group, not per message."""
@@ -50,12 +74,12 @@ class _SentMarker:
     def __init__(self, db: Database, owner: str) -> None:
         self.db = db
         self.owner = owner
-        self.pending: list[tuple[int, str, asyncio.Future[None]]] = []
+        self.pending: list[tuple[int, str, int, asyncio.Future[None]]] = []
         self.flushing: asyncio.Task[None] | None = None
 
-    async def mark(self, message_id: int, header_id: str) -> None:
+    async def mark(self, message_id: int, header_id: str, attempt: int) -> None:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.pending.append((message_id, header_id, done))
+        self.pending.append((message_id, header_id, attempt, done))
         if self.flushing is None or self.flushing.done():
             self.flushing = asyncio.create_task(self._flush())
         await done
@@ -65,13 +89,16 @@ class _SentMarker:
             group, self.pending = self.pending, []
             try:
                 async with self.db.transaction() as session:
-                    await outbox.mark_sent(session, self.owner, [(i, h) for i, h, _ in group])
+                    await outbox.mark_sent(session, self.owner, [(i, h) for i, h, _, _ in group])
+                    await outbox.log_attempts(
+                        session, self.owner, [(i, n, "sent", None) for i, _, n, _ in group]
+                    )
             except Exception as exc:
-                for _, _, done in group:
+                for *_, done in group:
                     if not done.done():
                         done.set_exception(exc)
                 continue
-            for _, _, done in group:
+            for *_, done in group:
                 if not done.done():
                     done.set_result(None)
 
@@ -94,6 +121,7 @@ class DeliveryWorker:
         self.wakeup = asyncio.Event()
         self.next_purge = 0.0
         self.marker = _SentMarker(db, self.owner)
+        self.pacer = SendPacer(settings.mail_rate_limit)
 
     async def run_once(self) -> int:
         """Deliver one batch; return how many messages were claimed."""
@@ -168,6 +196,7 @@ class DeliveryWorker:
                         if self.settings.verp
                         else None
                     )
+                    await self.pacer.wait()
                     await transport.send(email, envelope_from)
                 except DeliveryError as exc:
                     outcome.transient_in_a_row = (
@@ -182,7 +211,7 @@ class DeliveryWorker:
                 outcome.transient_in_a_row = 0
                 # Recorded before this lane sends again: a crash later in the batch must not
                 # send this one a second time.
-                await self.marker.mark(message.id, header_id)
+                await self.marker.mark(message.id, header_id, message.attempts)
                 DELIVERIES.labels("email", "sent").inc()
 
     async def _call_webhooks(
@@ -237,7 +266,7 @@ class DeliveryWorker:
                     self.owner,
                     [m.id for m in outcome.deferred],
                     delay=self._retry_in(first.attempts),
-                    error="deferred: the mail server failed the messages before these",
+                    error=DEFERRED,
                 )
                 log.warning("mail server unreachable: %d messages deferred", len(outcome.deferred))
             for message_id, error, permanent, attempts in outcome.failed:
@@ -246,6 +275,15 @@ class DeliveryWorker:
                 log.warning("delivery of outbox message %s failed: %s", message_id, error)
                 DELIVERIES.labels("any", "dead" if give_up else "retry").inc()
                 await outbox.mark_failed(session, self.owner, message_id, error, retry_in)
+            await outbox.log_attempts(
+                session,
+                self.owner,
+                [
+                    (i, n, "dead" if p or n >= self.settings.worker_max_attempts else "retry", e)
+                    for i, e, p, n in outcome.failed
+                ]
+                + [(m.id, m.attempts, "deferred", DEFERRED) for m in outcome.deferred],
+            )
 
     def _retry_in(self, attempts: int) -> timedelta:
         return outbox.backoff(
