@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -13,8 +12,6 @@ from email_validator import EmailNotValidError, validate_email
 from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES
 
 from service.errors import INVALID_EMAIL, FieldError
-
-log = logging.getLogger(__name__)
 
 MAX_ADDRESS_LENGTH = 320
 

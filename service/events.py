@@ -28,6 +28,9 @@ EVENT_TYPES = (
 )
 
 
+ACTIVE_WEBHOOKS = select(Webhook.id, Webhook.event_types).where(Webhook.active)
+
+
 def event_row(
     type_: str,
     subscriber_id: int | None,
@@ -53,11 +56,7 @@ async def record(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
     one of them (the transactional outbox covers webhooks as it covers mail)."""
     if not rows:
         return
-    hooks = (
-        await (await session.connection()).execute(
-            select(Webhook.id, Webhook.event_types).where(Webhook.active)
-        )
-    ).all()
+    hooks = (await (await session.connection()).execute(ACTIVE_WEBHOOKS)).all()
     wanted = [(hook_id, set(types)) for hook_id, types in hooks]
     if not any(row["type"] in types for row in rows for _, types in wanted):
         await (await session.connection()).execute(insert(table(Event)), rows)

@@ -6,7 +6,7 @@ import hashlib
 from collections.abc import Iterable
 from datetime import datetime
 
-from sqlalchemy import delete, or_, select
+from sqlalchemy import bindparam, delete, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -14,6 +14,19 @@ from service import events
 from service.addresses import normalise
 from service.errors import Conflict, FieldError, InvalidInput, NotFound
 from service.models import BlockedEntry, Suppression, table, utcnow
+
+# Built once (they run on every sign-up batch); lists are expanding parameters.
+SUPPRESSED = select(Suppression.email_hash).where(
+    Suppression.email_hash.in_(bindparam("hashes", expanding=True))
+)
+BLOCKED = select(BlockedEntry.kind, BlockedEntry.value).where(
+    or_(
+        (BlockedEntry.kind == "address")
+        & BlockedEntry.value.in_(bindparam("keys", expanding=True)),
+        (BlockedEntry.kind == "domain")
+        & BlockedEntry.value.in_(bindparam("domains", expanding=True)),
+    )
+)
 
 
 def address_hash(email_key: str) -> str:
@@ -52,9 +65,7 @@ async def suppressed(session: AsyncSession, email_keys: Iterable[str]) -> set[st
     by_hash = {address_hash(k): k for k in email_keys}
     if not by_hash:
         return set()
-    rows = await (await session.connection()).scalars(
-        select(Suppression.email_hash).where(Suppression.email_hash.in_(by_hash))
-    )
+    rows = await (await session.connection()).scalars(SUPPRESSED, {"hashes": list(by_hash)})
     return {by_hash[h] for h in rows}
 
 
@@ -66,12 +77,7 @@ async def blocked(session: AsyncSession, email_keys: Iterable[str]) -> set[str]:
     domains = {d for k in keys for d in domains_of(k)}
     rows = (
         await (await session.connection()).execute(
-            select(BlockedEntry.kind, BlockedEntry.value).where(
-                or_(
-                    (BlockedEntry.kind == "address") & BlockedEntry.value.in_(keys),
-                    (BlockedEntry.kind == "domain") & BlockedEntry.value.in_(domains),
-                )
-            )
+            BLOCKED, {"keys": keys, "domains": list(domains)}
         )
     ).all()
     if not rows:

@@ -176,6 +176,10 @@
     var first = null;
     errors.forEach(function (error) {
       var message = override(form, error.code) || error.message || body.title;
+      if (error.suggestion) {
+        message += " " + (form.getAttribute("data-message-suggestion") || "Did you mean") +
+          " " + error.suggestion + "?";
+      }
       var field = fieldFor(form, error.field);
       if (field && !field.anchor.hasAttribute("data-newsletter-invalid")) {
         showFieldError(form, field, message);

@@ -483,3 +483,17 @@ async def test_manage_post_with_a_bare_string_keeps_that_one_and_junk_changes_no
     junk = await client.post(path, json={"newsletters": {"weekly": True}})
     assert junk.status_code == 422
     assert await statuses(client, db) == {"reader@example.com": {"weekly": "active"}}
+
+
+async def test_form_page_offers_the_typo_suggestion(
+    client: httpx.AsyncClient, db: Database
+) -> None:
+    await make_newsletter(db, "weekly")
+    page = await client.post(
+        "/v1/subscriptions",
+        data={"email": "reader@gmial.com", "newsletters": "weekly"},
+        headers=BROWSER,
+    )
+    assert page.status_code == 422
+    assert "Please, enter correct email address" in page.text
+    assert "Did you mean reader@gmail.com?" in page.text

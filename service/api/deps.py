@@ -11,6 +11,7 @@ from service import keys
 from service.config import Settings
 from service.db import Database
 from service.models import ApiKey
+from service.ratelimit import SignupLimiter
 from service.signup import Consent
 from service.signup_batcher import SignupBatcher
 
@@ -58,10 +59,21 @@ ReadKey = Annotated[ApiKey, Depends(_read_key)]
 AdminKey = Annotated[ApiKey, Depends(_write_key)]
 
 
-def consent_from(request: Request, source: str, page: str | None = None) -> Consent:
+def client_ip(request: Request) -> str | None:
+    """The client's address: X-Forwarded-For is believed only from trusted proxies."""
+    limiter: SignupLimiter = request.app.state.limiter
+    return limiter.client_ip(
+        request.client.host if request.client else None,
+        request.headers.getlist("x-forwarded-for"),
+    )
+
+
+def consent_from(
+    request: Request, source: str, page: str | None = None, ip: str | None = None
+) -> Consent:
     return Consent(
         source=source,
-        ip=request.client.host if request.client else None,
+        ip=ip or client_ip(request),
         user_agent=request.headers.get("user-agent"),
         page=page or request.headers.get("referer"),
     )

@@ -29,7 +29,7 @@ from service.errors import (
 )
 from service.mail.render import Links
 from service.models import Newsletter, Subscriber
-from service.origins import normalise, safe_redirect
+from service.origins import normalise, origin_of, safe_redirect
 
 router = APIRouter(include_in_schema=False)
 STATIC_DIR = PROJECT_ROOT / "static"
@@ -102,17 +102,23 @@ def _csp_hash(content: bytes) -> str:
 
 
 def security_headers(
-    hashes: dict[str, list[str]], allowed_origins: Iterable[str], *, frameable: bool
+    hashes: dict[str, list[str]],
+    allowed_origins: Iterable[str],
+    *,
+    frameable: bool,
+    challenge_origin: str | None = None,
 ) -> dict[str, str]:
-    """No third-party anything: only the page's own inline style and scripts run."""
+    """No third-party anything but the challenge provider when one is configured: only the
+    page's own inline style and scripts run."""
     allowed = sorted(allowed_origins)
+    provider = [challenge_origin] if challenge_origin else []
     policy = [
         "default-src 'none'",
         "style-src " + (" ".join(hashes["style"]) or "'none'"),
-        "script-src " + (" ".join(hashes["script"]) or "'none'"),
+        "script-src " + (" ".join([*hashes["script"], *provider]) or "'none'"),
         "img-src 'self' data:",
-        "connect-src 'self'",
-        "frame-src 'self'",
+        " ".join(["connect-src 'self'", *provider]),
+        " ".join(["frame-src 'self'", *provider]),
         # A form may be answered by a redirect to the newsletter's own site.
         " ".join(["form-action 'self'", *allowed]),
         "base-uri 'none'",
@@ -147,9 +153,13 @@ def render(
         request, template, {**context, "lang": language}, status_code=status_code
     )
     allowed = normalise(o for n in newsletters for o in (n.allowed_origins or []))
+    settings: Settings = request.app.state.settings
     response.headers.update(
         security_headers(
-            inline_hashes(bytes(response.body)), allowed, frameable=template in FRAMEABLE
+            inline_hashes(bytes(response.body)),
+            allowed,
+            frameable=template in FRAMEABLE,
+            challenge_origin=origin_of(settings.challenge_script_url),
         )
     )
     response.headers["Content-Language"] = language

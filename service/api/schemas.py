@@ -34,6 +34,7 @@ class ProblemField(BaseModel):
     code: str
     message: str
     detail: str | None = None
+    suggestion: str | None = None
 
 
 class Problem(BaseModel):
