@@ -20,12 +20,15 @@ from service.api.deps import consent_from
 from service.api.schemas import SIGNUP_BODY, SIGNUP_RESPONSES, THANK_YOU, SignupAccepted
 from service.config import Settings
 from service.errors import install_error_handlers
+from service.ratelimit import SignupLimiter
 from service.signup_input import parse_signup
 
 
 def create_app() -> FastAPI:
     app = FastAPI(title="Sign-up endpoint without a database (benchmark baseline)")
     app.state.settings = Settings()
+    # The limiter also resolves the client's address (trusted proxies), as in the service.
+    app.state.limiter = SignupLimiter(Settings(signup_rate_limit=""), None)
     install_error_handlers(app)
 
     @app.post(

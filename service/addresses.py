@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import email_validator
@@ -77,8 +76,3 @@ def normalise(raw: str) -> Address | FieldError:
     except EmailNotValidError as exc:
         return FieldError("email", "invalid_email", INVALID_EMAIL, str(exc))
     return Address(email=result.normalized, key=result.normalized.lower())
-
-
-def normalise_many(raws: Iterable[str]) -> list[Address | FieldError]:
-    """normalise() for each address, in order: for imports of millions of rows."""
-    return [normalise(raw) for raw in raws]

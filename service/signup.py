@@ -126,10 +126,6 @@ class _Work:
     activated: list[Newsletter] = field(default_factory=list)
 
 
-def dialect_insert(session: AsyncSession) -> Any:
-    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-
-
 def consent_event(
     type_: str,
     subscriber_id: int | None,

@@ -41,25 +41,6 @@ async def enqueue(
     )
 
 
-async def recent_mail(
-    session: AsyncSession, subscriber_id: int, templates: tuple[str, ...], since: datetime
-) -> tuple[int, datetime | None]:
-    """How many of these messages went to the subscriber since then, and the latest one."""
-    row = (
-        await session.execute(
-            select(func.count(), func.max(OutboxMessage.created_at)).where(
-                OutboxMessage.subscriber_id == subscriber_id,
-                OutboxMessage.created_at > since,
-                OutboxMessage.template.in_(templates),
-            )
-        )
-    ).one()
-    latest = row[1]
-    if isinstance(latest, str):  # SQLite's max() loses the column type
-        latest = datetime.fromisoformat(latest).replace(tzinfo=UTC)
-    return int(row[0]), latest
-
-
 @dataclass
 class ClaimedMessage:
     id: int
