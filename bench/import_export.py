@@ -33,7 +33,7 @@ from typing import Any
 import harness
 from sqlalchemy import func, select, text
 
-from service import csv_io
+from service import csv_export, csv_import
 from service.db import Database
 from service.models import Subscriber
 from service.subscribers import search_subscribers
@@ -111,7 +111,7 @@ async def child_import(url: str, workdir: Path, csv_path: Path) -> dict[str, Any
     db = Database(settings)
     try:
         async with db.transaction() as session:
-            job = await csv_io.create_import(
+            job = await csv_import.create_import(
                 session,
                 newsletter_slug=harness.NEWSLETTER,
                 status="active",
@@ -121,7 +121,7 @@ async def child_import(url: str, workdir: Path, csv_path: Path) -> dict[str, Any
                 actor="bench",
             )
         started = time.perf_counter()
-        done = await csv_io.run_import(db, settings, job.id)
+        done = await csv_import.run_import(db, settings, job.id)
         seconds = time.perf_counter() - started
     finally:
         await db.dispose()
@@ -143,7 +143,9 @@ async def child_export(url: str, workdir: Path) -> dict[str, Any]:
     lines = size = 0
     try:
         started = time.perf_counter()
-        export = await csv_io.prepare_export(db, settings, harness.NEWSLETTER, "active", "bench")
+        export = await csv_export.prepare_export(
+            db, settings, harness.NEWSLETTER, "active", "bench"
+        )
         with (workdir / "export.csv").open("wb") as out:
             async for chunk in export.chunks():
                 out.write(chunk)

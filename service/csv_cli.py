@@ -9,7 +9,7 @@ from typing import Annotated, BinaryIO
 
 import typer
 
-from service import csv_io
+from service import csv_export, csv_import
 from service.config import Settings, load_settings
 from service.db import Database
 from service.errors import DomainError, InvalidInput
@@ -54,7 +54,7 @@ def import_command(
     settings = _settings()
     path = file.resolve()
 
-    def show(progress: csv_io.ImportProgress) -> None:
+    def show(progress: csv_import.ImportProgress) -> None:
         typer.echo(
             f"\r{progress.total} rows read: {progress.imported} imported, "
             f"{progress.skipped} skipped, {progress.rejected} rejected",
@@ -66,7 +66,7 @@ def import_command(
         db = Database(settings)
         try:
             async with db.transaction() as session:
-                job = await csv_io.create_import(
+                job = await csv_import.create_import(
                     session,
                     newsletter_slug=newsletter,
                     status=status,
@@ -75,10 +75,10 @@ def import_command(
                     filename=file.name,
                     actor="cli",
                 )
-            await csv_io.run_import(db, settings, job.id, on_progress=show)
+            await csv_import.run_import(db, settings, job.id, on_progress=show)
             typer.echo("", err=True)
             async with db.transaction() as session:
-                report = await csv_io.import_report(session, job.id)
+                report = await csv_import.import_report(session, job.id)
         finally:
             await db.dispose()
         return _print_report(report)
@@ -90,7 +90,7 @@ def import_command(
     raise typer.Exit(code)
 
 
-def _print_report(report: csv_io.ImportReport) -> int:
+def _print_report(report: csv_import.ImportReport) -> int:
     job = report.job
     typer.echo(f"Import {job.id} into {report.newsletter} ({job.target_status}): {job.status}")
     if job.error:
@@ -133,7 +133,7 @@ def export_command(
         db = Database(settings)
         try:
             # The newsletter is looked up first: a wrong slug leaves no empty file behind.
-            export = await csv_io.prepare_export(db, settings, newsletter, status, "cli")
+            export = await csv_export.prepare_export(db, settings, newsletter, status, "cli")
             sink = _open_output(output)
             try:
                 async for chunk in export.chunks():

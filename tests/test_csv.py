@@ -18,7 +18,7 @@ import pytest
 from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import func, select
 
-from service import csv_io, suppression
+from service import csv_export, csv_import, suppression
 from service.addresses import normalise
 from service.config import Settings
 from service.db import Database
@@ -261,7 +261,7 @@ async def test_export_pages_through_a_long_list(
                 json={"email": f"reader{i}@example.com", "newsletters": [slug], "name": name},
             )
             assert answer.status_code == 200, answer.text
-    monkeypatch.setattr(csv_io, "EXPORT_PAGE_ROWS", 2)
+    monkeypatch.setattr(csv_export, "EXPORT_PAGE_ROWS", 2)
 
     rows = await export(client, key)
     assert [(r["email"], r["name"]) for r in rows] == [
@@ -564,7 +564,7 @@ async def test_upload_is_stored_on_disk_and_capped(
 ) -> None:
     await make_newsletter(db, "weekly")
     key = await make_key(db)
-    monkeypatch.setattr(csv_io, "MAX_UPLOAD_BYTES", 64)
+    monkeypatch.setattr(csv_import, "MAX_UPLOAD_BYTES", 64)
     big = b"email\n" + b"x@example.com\n" * 10
     assert (await upload(client, key, big)).status_code == 413  # by its Content-Length
 
@@ -599,7 +599,7 @@ async def test_rows_repeated_across_chunks_are_duplicates_and_a_rerun_changes_no
 
     async def run() -> ImportJob:
         async with db.transaction() as session:
-            job = await csv_io.create_import(
+            job = await csv_import.create_import(
                 session,
                 newsletter_slug="weekly",
                 status="active",
@@ -608,7 +608,7 @@ async def test_rows_repeated_across_chunks_are_duplicates_and_a_rerun_changes_no
                 filename="list.csv",
                 actor="cli",
             )
-        return await csv_io.run_import(db, settings, job.id, chunk_rows=2)
+        return await csv_import.run_import(db, settings, job.id, chunk_rows=2)
 
     first = await run()
     assert (first.status, first.rows_imported, first.rows_skipped) == ("done", 3, 1)

@@ -45,9 +45,7 @@ async def test_metrics_show_latency_by_route_and_outbox_depth(
     # Tokens never become label values: the route template stands for them.
     assert ("/confirm/{token}", "404") in counts
     assert not any("not-a-real-token" in route for route, _ in counts)
-    depth = {
-        s.labels["status"]: s.value for s in families["newsletter_outbox_messages"].samples
-    }
+    depth = {s.labels["status"]: s.value for s in families["newsletter_outbox_messages"].samples}
     assert depth["queued"] == 3
     oldest = families["newsletter_outbox_oldest_queued_seconds"].samples[0].value
     assert oldest >= 0

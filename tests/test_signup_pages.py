@@ -458,7 +458,10 @@ async def test_unsubscribe_post_for_an_unknown_newsletter_is_404_and_changes_not
 
 
 async def test_unsubscribe_page_for_a_list_that_is_gone_is_404_not_everything(
-    client: httpx.AsyncClient, db: Database, settings: Settings, smtp: SMTPServer,
+    client: httpx.AsyncClient,
+    db: Database,
+    settings: Settings,
+    smtp: SMTPServer,
     worker: DeliveryWorker,
 ) -> None:
     await make_newsletter(db, "weekly")
@@ -470,7 +473,10 @@ async def test_unsubscribe_page_for_a_list_that_is_gone_is_404_not_everything(
 
 
 async def test_manage_post_with_a_bare_string_keeps_that_one_and_junk_changes_nothing(
-    client: httpx.AsyncClient, db: Database, settings: Settings, smtp: SMTPServer,
+    client: httpx.AsyncClient,
+    db: Database,
+    settings: Settings,
+    smtp: SMTPServer,
     worker: DeliveryWorker,
 ) -> None:
     await make_newsletter(db, "weekly")

@@ -35,17 +35,20 @@ def counting(db: Database) -> Iterator[list[str]]:
         event.remove(db.engine.sync_engine, "before_cursor_execute", record)
 
 
-async def test_signup_statements_do_not_grow_with_the_batch(
-    app: FastAPI, db: Database
-) -> None:
+async def test_signup_statements_do_not_grow_with_the_batch(app: FastAPI, db: Database) -> None:
     await make_newsletter(db, "weekly")
     await make_newsletter(db, "daily", opt_in="single")
     settings = app.state.settings
 
     def batch(n: int, prefix: str) -> list[Any]:
         return [
-            (parse_signup({"email": f"{prefix}{i}@example.com",
-                           "newsletters": ["weekly", "daily"]}, settings), Consent("api"))
+            (
+                parse_signup(
+                    {"email": f"{prefix}{i}@example.com", "newsletters": ["weekly", "daily"]},
+                    settings,
+                ),
+                Consent("api"),
+            )
             for i in range(n)
         ]
 
@@ -65,13 +68,17 @@ async def test_signup_statements_do_not_grow_with_the_batch(
 
 
 async def test_confirm_and_unsubscribe_statement_counts(
-    client: httpx.AsyncClient, app: FastAPI, db: Database, worker: DeliveryWorker,
+    client: httpx.AsyncClient,
+    app: FastAPI,
+    db: Database,
+    worker: DeliveryWorker,
     smtp: SMTPServer,
 ) -> None:
     await make_newsletter(db, "weekly")
     await make_newsletter(db, "daily")
-    await client.post("/v1/subscriptions",
-                      json={"email": "c@example.com", "newsletters": ["weekly", "daily"]})
+    await client.post(
+        "/v1/subscriptions", json={"email": "c@example.com", "newsletters": ["weekly", "daily"]}
+    )
     await deliver(worker)
     token = re.search(r"/confirm/(\S+)", smtp.sink.received[0].text())
     assert token

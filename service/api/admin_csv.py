@@ -12,13 +12,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from service import csv_io
+from service import csv_export, csv_import
 from service.api.admin_common import AUTH_RESPONSES, INVALID, NOT_FOUND, actor
 from service.api.bodies import MalformedBody, media_type
 from service.api.deps import AdminKey, DbDep, ReadKey, SettingsDep
 from service.api.schemas import problem_response
 from service.config import Settings
-from service.csv_io import StoredUpload
+from service.csv_import import StoredUpload
 from service.db import Database
 from service.errors import (
     DomainError,
@@ -133,7 +133,7 @@ async def export_subscribers(
 ) -> StreamingResponse:
     """One row per subscription, with its unsubscribe and manage URLs; cells that a
     spreadsheet would run as formulas start with a quote."""
-    export = await csv_io.prepare_export(
+    export = await csv_export.prepare_export(
         db, settings, slug, status.value if status else None, actor(key)
     )
     return StreamingResponse(
@@ -197,13 +197,13 @@ async def create_import(
         else:
             # Everything is known before the body: refuse a wrong request before reading it.
             async with db.transaction() as session:
-                await csv_io.check_import(session, newsletter, status, consent_note)
+                await csv_import.check_import(session, newsletter, status, consent_note)
             async for chunk in request.stream():
                 upload.write(chunk)
             filename = "upload.csv"
         upload.close()
         async with db.transaction() as session:
-            job = await csv_io.create_import(
+            job = await csv_import.create_import(
                 session,
                 newsletter_slug=newsletter,
                 status=status,
@@ -230,7 +230,7 @@ async def create_import(
 )
 async def get_import(import_id: int, db: DbDep, _key: ReadKey) -> ImportOut:
     async with db.transaction() as session:
-        report = await csv_io.import_report(session, import_id)
+        report = await csv_import.import_report(session, import_id)
     job = report.job
     return ImportOut(
         id=job.id,
@@ -253,13 +253,15 @@ async def get_import(import_id: int, db: DbDep, _key: ReadKey) -> ImportOut:
 
 
 def _check_declared_size(request: Request, kind: str) -> None:
-    limit = csv_io.MAX_UPLOAD_BYTES
+    limit = csv_import.MAX_UPLOAD_BYTES
     if kind == "multipart/form-data":
         limit += MULTIPART_OVERHEAD
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         # Refused before a byte is read; a body without a length is capped as it streams.
-        raise PayloadTooLarge(f"An import file may have at most {csv_io.MAX_UPLOAD_BYTES} bytes.")
+        raise PayloadTooLarge(
+            f"An import file may have at most {csv_import.MAX_UPLOAD_BYTES} bytes."
+        )
 
 
 async def _receive_multipart(request: Request, upload: StoredUpload) -> tuple[dict[str, str], str]:
@@ -361,7 +363,7 @@ def _start(app: FastAPI, db: Database, settings: Settings, job_id: int) -> None:
         tasks = app.state.import_tasks = set()
     worker = getattr(app.state, "worker", None)
 
-    def wake(_progress: csv_io.ImportProgress) -> None:
+    def wake(_progress: csv_import.ImportProgress) -> None:
         # A pending import queues confirmation mail: tell an in-process worker at once.
         if worker is not None:
             worker.wakeup.set()
@@ -372,9 +374,9 @@ def _start(app: FastAPI, db: Database, settings: Settings, job_id: int) -> None:
 
 
 async def _run(
-    db: Database, settings: Settings, job_id: int, wake: csv_io.ProgressCallback
+    db: Database, settings: Settings, job_id: int, wake: csv_import.ProgressCallback
 ) -> None:
     try:
-        await csv_io.run_import(db, settings, job_id, on_progress=wake)
+        await csv_import.run_import(db, settings, job_id, on_progress=wake)
     except Exception:
         log.exception("import %s stopped", job_id)

@@ -16,7 +16,7 @@ from datetime import timedelta
 import httpx
 from sqlalchemy import insert, select
 
-from service import csv_io, purge, tokens, webhooks
+from service import csv_import, purge, tokens, webhooks
 from service.config import Settings
 from service.db import Database
 from service.mail import outbox
@@ -298,7 +298,7 @@ class DeliveryWorker:
         self.next_purge = time.monotonic() + PURGE_EVERY
         age = self.settings.purge_pending_after
         async with self.db.transaction() as session:
-            await csv_io.fail_interrupted(session)
+            await csv_import.fail_interrupted(session)
             result = await purge.purge_pending(session, age) if age else None
         if result and (result.subscriptions or result.subscribers):
             log.info(
