@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service import events, suppression, tokens
@@ -54,9 +54,17 @@ async def search_subscribers(
     if email_prefix:
         query = query.where(
             Subscriber.email_key.like(_escape_like(email_prefix.lower()) + "%", escape="\\")
-        ).order_by(Subscriber.email_key)
-        if isinstance(after, str):
-            query = query.where(Subscriber.email_key > after)
+        )
+        if session.get_bind().dialect.name == "postgresql":
+            # Byte order, the order of the varchar_pattern_ops index that serves the LIKE: the
+            # collation order of the unique index would filter its way through the table.
+            query = query.order_by(text("subscribers.email_key USING ~<~"))
+            if isinstance(after, str):
+                query = query.where(Subscriber.email_key.op("~>~")(after))
+        else:  # SQLite compares bytes (BINARY), the order of its index
+            query = query.order_by(Subscriber.email_key)
+            if isinstance(after, str):
+                query = query.where(Subscriber.email_key > after)
     else:
         query = query.order_by(Subscriber.id)
         if isinstance(after, int):

@@ -15,7 +15,8 @@ from tests.conftest import TestDatabase
 QUERIES = {
     "sign-up: subscriber by address": "SELECT id FROM subscribers WHERE email_key = 'a@b.c'",
     "admin search: address prefix": (
-        "SELECT id FROM subscribers WHERE email_key LIKE 'rea%' ORDER BY id LIMIT 50"
+        "SELECT id FROM subscribers WHERE email_key LIKE 'rea%' AND email_key ~>~ 'reader' "
+        "ORDER BY email_key USING ~<~ LIMIT 50"
     ),
     "sign-up: known subscriptions": (
         "SELECT id, status FROM subscriptions WHERE subscriber_id IN (1, 2, 3)"
