@@ -92,7 +92,7 @@ class BackendResult:
 # ---------------------------------------------------------------- the server
 
 
-def _server_command(app: str, port: int) -> list[str]:
+def _server_command(app: str, port: int, workers: int = 1) -> list[str]:
     command = [
         sys.executable,
         "-m",
@@ -104,7 +104,7 @@ def _server_command(app: str, port: int) -> list[str]:
         "--port",
         str(port),
         "--workers",
-        "1",
+        str(workers),
         "--no-access-log",
         "--log-level",
         "warning",
@@ -146,9 +146,12 @@ class Server:
 
 
 @contextlib.contextmanager
-def uvicorn_server(app: str, env: dict[str, str], log_path: Path) -> Iterator[Server]:
+def uvicorn_server(
+    app: str, env: dict[str, str], log_path: Path, workers: int = 1
+) -> Iterator[Server]:
+    """uvicorn on a free port; workers > 1 runs its supervisor over that many processes."""
     port = harness.free_port()
-    command = _server_command(app, port)
+    command = _server_command(app, port, workers)
     print(f"  server: {shlex.join(command[1:])}")
     with log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -237,7 +240,9 @@ def probe(base_url: str) -> None:
 # ---------------------------------------------------------------- the load
 
 
-def run_wrk(base_url: str, args: argparse.Namespace, seconds: float) -> WrkRun:
+def run_wrk(
+    base_url: str, args: argparse.Namespace, seconds: float, script: Path = LUA_SCRIPT
+) -> WrkRun:
     command = [
         "wrk",
         f"-t{args.threads}",
@@ -246,7 +251,7 @@ def run_wrk(base_url: str, args: argparse.Namespace, seconds: float) -> WrkRun:
         "--timeout",
         "10s",
         "-s",
-        str(LUA_SCRIPT),
+        str(script),
         f"{base_url}/v1/subscriptions",
         "--",
         secrets.token_hex(4),  # the run tag: addresses never repeat across runs
@@ -284,7 +289,8 @@ def bench_backend(backend: str, args: argparse.Namespace) -> BackendResult:
             env = server_env(url, workdir, mail_url)
             app = "service.app:create_app"
         env.update(args.server_env)
-        with uvicorn_server(app, env, workdir / f"uvicorn-{backend}.log") as server:
+        log_path = workdir / f"uvicorn-{backend}.log"
+        with uvicorn_server(app, env, log_path, args.workers) as server:
             probe(server.base_url)
             warmup = run_wrk(server.base_url, args, args.warmup)
             cpu_before = server.cpu_seconds()
@@ -400,6 +406,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=16, help="Concurrent connections.")
     parser.add_argument("--threads", type=int, default=1, help="wrk threads.")
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="uvicorn --workers: API processes (the targets are for 1; CPU is then the "
+        "supervisor's only, see bench/scale.py for several).",
+    )
+    parser.add_argument(
         "--backends", default=",".join(BACKENDS), help="Comma-separated: sqlite,postgresql,nodb."
     )
     parser.add_argument(
@@ -437,6 +450,8 @@ def main() -> int:
     print("Machine:")
     harness.print_machine(info)
     worker = "on, sending to an SMTP sink" if args.worker else "off (NEWSLETTER_RUN_WORKER=false)"
+    if args.workers != 1:
+        print(f"uvicorn --workers {args.workers}: the CPU column counts the supervisor only.")
     print(
         f"Load: wrk -t{args.threads} -c{args.connections}, {args.warmup:g} s warm-up, "
         f"{args.duration:g} s measured; delivery worker {worker}. wrk shares the cores with "
