@@ -26,6 +26,7 @@ from service.api import (
     public,
 )
 from service.api.cors import AllowedOrigins, NewsletterCORS
+from service.api.timeouts import BodyDeadline
 from service.botcheck import ChallengeVerifier, form_token
 from service.config import Settings, load_settings
 from service.db import Database
@@ -93,6 +94,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.templates.env.globals["form_token"] = functools.partial(form_token, settings)
     app.state.templates.env.globals["challenge_widget"] = challenge.widget
     app.state.allowed_origins = AllowedOrigins(db)
+    # Innermost of the middleware: its 408 still gets CORS headers, a request id and metrics.
+    app.add_middleware(BodyDeadline, timeout=settings.request_timeout)
     app.add_middleware(NewsletterCORS, allowed=app.state.allowed_origins)
     install_error_handlers(app)
 

@@ -60,6 +60,12 @@ class Settings(BaseSettings):
         default=5, description="At most this many such mails per address per day."
     )
     max_body_bytes: int = Field(default=64 * 1024, description="Largest sign-up body (413 above).")
+    request_timeout: float = Field(
+        default=15.0,
+        ge=0,
+        description="Seconds a request body may take to arrive, plus one per 500 bytes "
+        "received; slower is answered 408 (slow-loris defence). 0 = no limit.",
+    )
     max_attributes_bytes: int = Field(
         default=4 * 1024, description="Largest `attributes` object, as JSON bytes."
     )

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
+from asyncpg.exceptions import (  # type: ignore[import-untyped]
+    InsufficientResourcesError,
+    OperatorInterventionError,
+    PostgresConnectionError,
+)
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
+
+log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
 INVALID_EMAIL = "Please, enter correct email address"
@@ -101,6 +112,16 @@ class UnsupportedMediaType(DomainError):
     title = "Unsupported content type"
 
 
+class ProblemResponse(JSONResponse):
+    media_type = PROBLEM_JSON
+
+    def render(self, content: Any) -> bytes:
+        # Field errors quote what the client sent, and a JSON body may carry a lone surrogate
+        # ("\ud800") that UTF-8 cannot encode: it is replaced rather than turning 422 into 500.
+        text = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        return text.encode("utf-8", "replace")
+
+
 def problem(
     status: int,
     title: str,
@@ -118,7 +139,7 @@ def problem(
     if detail:
         body["detail"] = detail
     body.update(extra)
-    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+    return ProblemResponse(body, status_code=status, headers=headers)
 
 
 def domain_error_response(exc: DomainError) -> JSONResponse:
@@ -129,6 +150,31 @@ def domain_error_response(exc: DomainError) -> JSONResponse:
     return problem(
         exc.status, exc.title, code=exc.code, detail=exc.detail, headers=headers, **extra
     )
+
+
+UNAVAILABLE = "The service is briefly unavailable"
+RETRY_UNAVAILABLE_AFTER = 2  # seconds: a dropped connection or a failover is over by then
+
+# Raised while the database cannot be reached or a connection dies mid-request: a server that
+# is down, restarting (failover, an operator's terminate) or out of connections. SQLAlchemy
+# does not wrap errors raised while connecting, so the driver's own types are listed too.
+_UNREACHABLE: tuple[type[Exception], ...] = (
+    OperationalError,  # also SQLite's "database is locked" after its busy timeout
+    InterfaceError,
+    PoolTimeout,  # every pooled connection busy for pool_timeout seconds
+    ConnectionError,
+    TimeoutError,
+    PostgresConnectionError,
+    OperatorInterventionError,  # admin shutdown, "the database system is starting up"
+    InsufficientResourcesError,  # too many connections
+)
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether this is the database being out of reach rather than a bug (a retry may work)."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, _UNREACHABLE)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -160,6 +206,21 @@ def install_error_handlers(app: FastAPI) -> None:
         title = errors[0]["message"] if errors else "Invalid input"
         return problem(422, title, code="invalid_input", errors=errors)
 
+    async def on_unreachable(_request: Request, exc: Exception) -> Response:
+        if not database_unavailable(exc):
+            raise exc  # a real bug: the server error handler logs it and answers 500
+        log.warning("database unavailable: %s: %s", type(exc).__name__, str(exc)[:300])
+        return problem(
+            503,
+            UNAVAILABLE,
+            code="unavailable",
+            detail="The database could not be reached. Try again in a few seconds.",
+            headers={"Retry-After": str(RETRY_UNAVAILABLE_AFTER)},
+        )
+
     app.add_exception_handler(DomainError, on_domain_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
+    unreachable: list[type[Exception]] = [DBAPIError, *_UNREACHABLE]
+    for kind in unreachable:
+        app.add_exception_handler(kind, on_unreachable)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
@@ -12,6 +13,7 @@ from sqlalchemy import Date, cast, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service import events
+from service.addresses import Address, normalise
 from service.errors import Conflict, FieldError, InvalidInput, NotFound
 from service.models import Event, Newsletter, OptIn, Status, Subscription, utcnow
 
@@ -29,6 +31,15 @@ EDITABLE = (
     "redirect_after_confirm",
     "allowed_origins",
 )
+
+
+# Fields that always hold a value: null in an update puts their default back.
+CLEARED_TO: dict[str, Any] = {
+    "description": "",
+    "from_name": "",
+    "language": "en",
+    "allowed_origins": [],
+}
 
 
 @dataclass
@@ -60,6 +71,9 @@ def _invalid(field_name: str, message: str) -> InvalidInput:
 def _check(changes: dict[str, Any]) -> dict[str, Any]:
     """Validate the editable fields of a newsletter; return them cleaned."""
     clean = {k: v for k, v in changes.items() if k in EDITABLE}
+    for key, default in CLEARED_TO.items():
+        if key in clean and clean[key] is None:  # an explicit null clears what is never null
+            clean[key] = copy.copy(default)
     if "name" in clean and not (isinstance(clean["name"], str) and clean["name"].strip()):
         raise _invalid("name", "A newsletter needs a name.")
     if "opt_in" in clean and clean["opt_in"] not in (OptIn.double.value, OptIn.single.value):
@@ -67,6 +81,15 @@ def _check(changes: dict[str, Any]) -> dict[str, Any]:
     ttl = clean.get("confirmation_ttl_seconds")
     if ttl is not None and not (60 <= int(ttl) <= 90 * 86400):
         raise _invalid("confirmation_ttl_seconds", "Between 60 seconds and 90 days.")
+    for key in ("from_email", "reply_to"):
+        # They become mail headers (and the envelope sender): a bad one would kill every
+        # message of the list at send time, so it is refused here.
+        address = clean.get(key)
+        if address:
+            checked = normalise(address) if isinstance(address, str) else None
+            if not isinstance(checked, Address):
+                raise _invalid(key, "A valid email address.")
+            clean[key] = checked.email
     for key in ("redirect_after_signup", "redirect_after_confirm"):
         url = clean.get(key)
         if url and urlsplit(url).scheme not in ("http", "https"):

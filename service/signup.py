@@ -52,10 +52,17 @@ class Consent:
         return {
             "consent_source": self.source,
             "consent_ip": self.ip,
-            "consent_user_agent": (self.user_agent or "")[:500] or None,
-            "consent_page": (self.page or "")[:2000] or None,
+            "consent_user_agent": _printable(self.user_agent)[:500] or None,
+            "consent_page": _printable(self.page)[:2000] or None,
             "consent_at": now,
         }
+
+
+def _printable(value: str | None) -> str:
+    """Header text as stored: a client may send control characters (PostgreSQL refuses NUL)."""
+    if not value or value.isprintable():
+        return value or ""
+    return "".join(ch for ch in value if ch.isprintable())
 
 
 @dataclass

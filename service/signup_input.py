@@ -135,6 +135,14 @@ def parse_signup(data: dict[str, Any], settings: Settings) -> SignupInput:
         try:
             # NaN and Infinity (1e400 decodes to it) are not JSON: PostgreSQL refuses them.
             encoded = json.dumps(attributes, allow_nan=False)
+            # A lone surrogate ("\ud800" in the JSON) decodes to a str that no response can
+            # encode as UTF-8: stored, it would break every later read of this subscriber.
+            json.dumps(attributes, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            errors.append(
+                FieldError("attributes", "invalid", "Attributes must be valid Unicode text.")
+            )
+            attributes = {}
         except ValueError:
             errors.append(
                 FieldError("attributes", "invalid", "Attributes may not hold NaN or Infinity.")

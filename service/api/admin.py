@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 
 from service import newsletters as newsletter_service
 from service.api.admin_common import (
-    AUTH_RESPONSES,
+    ADMIN_RESPONSES,
     CONFLICT,
     INVALID,
     NOT_FOUND,
@@ -30,7 +30,7 @@ from service.models import Newsletter, Status
 
 __all__ = ["decode_cursor", "encode_cursor", "router"]
 
-router = APIRouter(prefix="/v1/admin", tags=["admin: newsletters"], responses=AUTH_RESPONSES)
+router = APIRouter(prefix="/v1/admin", tags=["admin: newsletters"], responses=ADMIN_RESPONSES)
 Slug = Annotated[str, "newsletter slug"]
 
 

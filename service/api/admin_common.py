@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any
+from typing import Annotated, Any
+
+from fastapi import Path
 
 from service.api.schemas import problem_response
 from service.errors import FieldError, InvalidInput
@@ -36,6 +38,18 @@ INVALID: dict[int | str, dict[str, Any]] = {
         },
     )
 }
+# What every admin route may answer: a body that cannot be decoded is a 400, and any parameter
+# or field it refuses a 422 problem, not FastAPI's default validation shape.
+ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: problem_response(
+        "A body that is not JSON (or not UTF-8)",
+        {"type": "about:blank", "title": "Bad Request", "status": 400},
+    ),
+    **AUTH_RESPONSES,
+    **INVALID,
+}
+# Row ids in paths: bounded so an id past BIGINT is a 422, not a driver overflow (a 500).
+RowId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 CONFLICT: dict[int | str, dict[str, Any]] = {
     409: problem_response(
         "Conflict", {"type": "about:blank#conflict", "title": "Conflict", "status": 409}

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from service import csv_export, csv_import
-from service.api.admin_common import AUTH_RESPONSES, INVALID, NOT_FOUND, actor
+from service.api.admin_common import ADMIN_RESPONSES, INVALID, NOT_FOUND, RowId, actor
 from service.api.bodies import MalformedBody, media_type
 from service.api.deps import AdminKey, DbDep, ReadKey, SettingsDep
 from service.api.schemas import problem_response
@@ -31,7 +31,7 @@ from service.models import Status
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/v1/admin", tags=["admin: CSV"], responses=AUTH_RESPONSES)
+router = APIRouter(prefix="/v1/admin", tags=["admin: CSV"], responses=ADMIN_RESPONSES)
 
 CSV_TYPES = ("text/csv", "application/csv")
 # The small text fields of a multipart upload (newsletter, status, consent_note).
@@ -228,7 +228,7 @@ async def create_import(
     responses=NOT_FOUND,
     summary="An import's progress and report",
 )
-async def get_import(import_id: int, db: DbDep, _key: ReadKey) -> ImportOut:
+async def get_import(import_id: RowId, db: DbDep, _key: ReadKey) -> ImportOut:
     async with db.transaction() as session:
         report = await csv_import.import_report(session, import_id)
     job = report.job

@@ -8,10 +8,11 @@ from fastapi import APIRouter, Query, Response
 
 from service import events, suppression, webhooks
 from service.api.admin_common import (
-    AUTH_RESPONSES,
+    ADMIN_RESPONSES,
     CONFLICT,
     INVALID,
     NOT_FOUND,
+    RowId,
     actor,
     decode_cursor,
     encode_cursor,
@@ -34,7 +35,7 @@ from service.api.admin_schemas import (
 from service.api.deps import AdminKey, DbDep, ReadKey
 from service.models import BlockedEntry, Webhook
 
-router = APIRouter(prefix="/v1/admin", responses=AUTH_RESPONSES)
+router = APIRouter(prefix="/v1/admin", responses=ADMIN_RESPONSES)
 Limit = Annotated[int, Query(ge=1, le=500)]
 Cursor = Annotated[str | None, Query(max_length=64)]
 
@@ -114,7 +115,7 @@ async def list_webhooks(db: DbDep, _key: ReadKey) -> WebhookPage:
     tags=["admin: webhooks"],
     summary="One webhook",
 )
-async def get_webhook(webhook_id: int, db: DbDep, _key: ReadKey) -> WebhookOut:
+async def get_webhook(webhook_id: RowId, db: DbDep, _key: ReadKey) -> WebhookOut:
     async with db.transaction() as session:
         return webhook_out(await webhooks.get_webhook(session, webhook_id))
 
@@ -127,7 +128,7 @@ async def get_webhook(webhook_id: int, db: DbDep, _key: ReadKey) -> WebhookOut:
     summary="Change a webhook's URL, event types or switch it off",
 )
 async def update_webhook(
-    webhook_id: int, body: WebhookPatch, db: DbDep, key: AdminKey
+    webhook_id: RowId, body: WebhookPatch, db: DbDep, key: AdminKey
 ) -> WebhookOut:
     async with db.transaction() as session:
         hook = await webhooks.update_webhook(
@@ -143,7 +144,7 @@ async def update_webhook(
     tags=["admin: webhooks"],
     summary="Delete a webhook",
 )
-async def delete_webhook(webhook_id: int, db: DbDep, key: AdminKey) -> Response:
+async def delete_webhook(webhook_id: RowId, db: DbDep, key: AdminKey) -> Response:
     async with db.transaction() as session:
         await webhooks.delete_webhook(session, webhook_id, actor(key))
     return Response(status_code=204)
@@ -157,7 +158,7 @@ async def delete_webhook(webhook_id: int, db: DbDep, key: AdminKey) -> Response:
     summary="The delivery log of one webhook, newest first",
 )
 async def webhook_deliveries(
-    webhook_id: int, db: DbDep, _key: ReadKey, cursor: Cursor = None, limit: Limit = 100
+    webhook_id: RowId, db: DbDep, _key: ReadKey, cursor: Cursor = None, limit: Limit = 100
 ) -> DeliveryPage:
     async with db.transaction() as session:
         rows = await webhooks.deliveries(session, webhook_id, decode_cursor(cursor), limit)
@@ -222,7 +223,7 @@ async def list_blocks(
     tags=["admin: blocklist"],
     summary="Unblock",
 )
-async def delete_block(entry_id: int, db: DbDep, key: AdminKey) -> Response:
+async def delete_block(entry_id: RowId, db: DbDep, key: AdminKey) -> Response:
     async with db.transaction() as session:
         await suppression.delete_block(session, entry_id, actor(key))
     return Response(status_code=204)

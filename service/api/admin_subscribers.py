@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Response
 
 from service import subscribers as subscriber_service
 from service.api.admin_common import (
-    AUTH_RESPONSES,
+    ADMIN_RESPONSES,
     CONFLICT,
     INVALID,
     NOT_FOUND,
@@ -36,7 +36,7 @@ from service.models import Status
 from service.subscribers import SubscriberDetail
 
 router = APIRouter(
-    prefix="/v1/admin/subscribers", tags=["admin: subscribers"], responses=AUTH_RESPONSES
+    prefix="/v1/admin/subscribers", tags=["admin: subscribers"], responses=ADMIN_RESPONSES
 )
 SubscriberId = Annotated[str, "the subscriber's public id"]
 

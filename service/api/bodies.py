@@ -85,8 +85,14 @@ async def read_fields(
     if kind == "application/x-www-form-urlencoded":
         try:
             text = body.decode("utf-8")
+            # errors="strict": a percent-escape of invalid UTF-8 is refused like a raw byte,
+            # not stored as U+FFFD (which an internationalised address may hold).
             pairs: list[tuple[str, Any]] = parse_qsl(
-                text, keep_blank_values=True, strict_parsing=False, max_num_fields=200
+                text,
+                keep_blank_values=True,
+                strict_parsing=False,
+                max_num_fields=200,
+                errors="strict",
             )
         except (UnicodeDecodeError, ValueError) as exc:
             raise MalformedBody("Malformed form body.") from exc
