@@ -44,6 +44,15 @@ class FieldError:
         return out
 
 
+def unknown_newsletters(slugs: list[str]) -> FieldError:
+    """The one wording of "no such (public) newsletter", for every way a slug comes in."""
+    return FieldError(
+        "newsletters",
+        "unknown_newsletter",
+        "Unknown newsletter: " + ", ".join(slug[:64] for slug in slugs[:5]),
+    )
+
+
 class DomainError(Exception):
     status = 400
     code = "bad_request"

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service import events, suppression, tokens
 from service.config import Settings
-from service.errors import FieldError, InvalidInput
+from service.errors import InvalidInput, unknown_newsletters
 from service.models import (
     Confirmation,
     Newsletter,
@@ -220,10 +220,7 @@ async def subscribe_many(
     for data, consent in requests:
         unknown = [slug for slug in data.newsletters if slug not in found]
         if unknown:
-            message = "Unknown newsletter: " + ", ".join(u[:64] for u in unknown[:5])
-            outcomes.append(
-                InvalidInput([FieldError("newsletters", "unknown_newsletter", message)])
-            )
+            outcomes.append(InvalidInput([unknown_newsletters(unknown)]))
             continue
         newsletters = [found[slug] for slug in data.newsletters]
         result = SignupResult(

@@ -8,7 +8,7 @@ from typing import Any
 
 from service.addresses import Address, normalise
 from service.config import Settings
-from service.errors import REQUIRED, FieldError, InvalidInput
+from service.errors import REQUIRED, FieldError, InvalidInput, unknown_newsletters
 from service.newsletters import SLUG
 
 MAX_NAME = 200
@@ -100,8 +100,7 @@ def parse_signup(data: dict[str, Any], settings: Settings) -> SignupInput:
         if not slugs:
             errors.append(FieldError("newsletters", "required", REQUIRED))
         elif malformed:
-            message = "Unknown newsletter: " + ", ".join(s[:MAX_SLUG] for s in malformed[:5])
-            errors.append(FieldError("newsletters", "unknown_newsletter", message))
+            errors.append(unknown_newsletters(malformed))
 
     name = _text(data.get("name"))
     if data.get("name") is not None and name is None:

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service import events, suppression, tokens
 from service.config import Settings
-from service.errors import Conflict, FieldError, InvalidInput, NotFound
+from service.errors import Conflict, FieldError, InvalidInput, NotFound, unknown_newsletters
 from service.mail import outbox
 from service.models import (
     Confirmation,
@@ -219,15 +219,7 @@ async def _newsletters(session: AsyncSession, slugs: list[str]) -> list[Newslett
     }
     unknown = [s for s in slugs if s not in rows]
     if unknown:
-        raise InvalidInput(
-            [
-                FieldError(
-                    "newsletters",
-                    "unknown_newsletter",
-                    "Unknown newsletter: " + ", ".join(u[:64] for u in unknown[:5]),
-                )
-            ]
-        )
+        raise InvalidInput([unknown_newsletters(unknown)])
     return [rows[s] for s in slugs]
 
 

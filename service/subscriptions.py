@@ -18,10 +18,10 @@ from service.addresses import Address
 from service.config import Settings
 from service.errors import (
     ConfirmationExpired,
-    FieldError,
     InvalidInput,
     NotFound,
     TokenNotFound,
+    unknown_newsletters,
 )
 from service.mail import outbox
 from service.models import (
@@ -84,8 +84,7 @@ async def newsletters_by_slug(session: AsyncSession, slugs: Sequence[str]) -> li
     found = {n.slug: n for n in rows}
     unknown = [s for s in slugs if s not in found]
     if unknown:
-        message = "Unknown newsletter: " + ", ".join(u[:64] for u in unknown[:5])
-        raise InvalidInput([FieldError("newsletters", "unknown_newsletter", message)])
+        raise InvalidInput([unknown_newsletters(unknown)])
     return [found[s] for s in slugs]
 
 
