@@ -117,6 +117,14 @@ class Settings(BaseSettings):
     signup_batch_consumers: int = Field(
         default=1, description="Sign-up transactions a process runs at once."
     )
+    signup_batch_wait_ms: float = Field(
+        default=3.0,
+        ge=0,
+        description=(
+            "Under load, how long a sign-up batch may wait for as many sign-ups as the last "
+            "batch held (0 = never wait; an idle service never waits)."
+        ),
+    )
     db_echo: bool = Field(default=False, description="Log every SQL statement (debugging).")
     bounce_webhook_secret: str = Field(
         default="",

@@ -1,6 +1,9 @@
 """Group commit for sign-ups: concurrent requests share one transaction.
 
-Each request is answered only after the transaction holding its rows has committed. If a
+Each request is answered only after the transaction holding its rows has committed. Under
+load a batch waits a few milliseconds for as many sign-ups as the last one held: without that
+wait, batches alternate between one sign-up and all the others, and the one-sign-up batches
+cost as much as full ones (measured: 16 connections gave batches of 1 and 15 in turn). If a
 batch fails as a whole (a race on a unique key with another process, a dropped connection),
 every request in it is retried alone, so one bad apple never fails its neighbours.
 """
@@ -41,6 +44,9 @@ class SignupBatcher:
         self.settings = settings
         self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self.tasks: list[asyncio.Task[None]] = []
+        self.last_batch = 1  # the load level: how many sign-ups the last batch held
+        self.filled = asyncio.Event()  # a whole batch is in: the queue and the held ones
+        self.held = 0  # sign-ups taken by a waiting consumer, no longer in the queue
 
     async def submit(self, data: SignupInput, consent: Consent) -> SignupResult:
         """Queue one sign-up and wait until its transaction has committed."""
@@ -62,7 +68,9 @@ class SignupBatcher:
                 for _ in range(max(1, self.settings.signup_batch_consumers))
             ]
         item = _Pending(data, consent)
-        await self.queue.put(item)
+        self.queue.put_nowait(item)
+        if self.queue.qsize() + self.held >= self.last_batch:
+            self.filled.set()
         return await item.future
 
     async def stop(self) -> None:
@@ -74,10 +82,22 @@ class SignupBatcher:
         self.tasks = []
 
     async def _consume(self) -> None:
+        wait = self.settings.signup_batch_wait_ms / 1000
         while True:
-            batch = [await self.queue.get()]
+            first = await self.queue.get()
+            if wait and self.queue.qsize() + 1 < self.last_batch:
+                self.filled.clear()
+                self.held += 1
+                try:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(wait):
+                            await self.filled.wait()
+                finally:
+                    self.held -= 1
+            batch = [first]
             while len(batch) < self.settings.signup_batch_size and not self.queue.empty():
                 batch.append(self.queue.get_nowait())
+            self.last_batch = len(batch)
             await self._process(batch)
 
     async def _process(self, batch: list[_Pending]) -> None:

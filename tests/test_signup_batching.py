@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import httpx
 from sqlalchemy import func, select
 
+from service.config import Settings
 from service.db import Database
 from service.mail.worker import DeliveryWorker
 from service.models import Confirmation, Subscriber, Subscription
+from service.signup import Consent, SignupResult
+from service.signup_batcher import SignupBatcher
+from service.signup_input import parse_signup
 from tests.conftest import SMTPServer, deliver, make_newsletter
 
 
@@ -78,3 +83,39 @@ async def test_signing_up_again_after_unsubscribing_makes_it_pending_with_new_co
     assert (weekly, weekly_ua) == ("pending", "Second/2")
     assert (daily, daily_ua) == ("active", "Second/2")
     assert weekly_pending is not None and daily_confirmed is not None
+
+
+async def test_under_load_a_batch_waits_to_be_as_full_as_the_last(
+    db: Database, settings: Settings
+) -> None:
+    """Without the wait, a burst that trickles in is split into a batch of one and the rest."""
+    await make_newsletter(db, "weekly")
+    sizes: list[int] = []
+
+    class Observed(SignupBatcher):
+        async def _process(self, batch: list[Any]) -> None:
+            sizes.append(len(batch))
+            await super()._process(batch)
+
+    batcher = Observed(db, settings.model_copy(update={"signup_batch_wait_ms": 2000}))
+
+    def signup(i: int) -> Any:
+        data = parse_signup({"email": f"r{i}@example.com", "newsletters": ["weekly"]}, settings)
+        return batcher.submit(data, Consent("api"))
+
+    async def trickle(start: int) -> list[SignupResult]:
+        first = asyncio.ensure_future(signup(start))
+        await asyncio.sleep(0.05)  # the consumer has taken the first and is waiting
+        rest = asyncio.gather(*(signup(i) for i in range(start + 1, start + 8)))
+        return [await first, *await rest]
+
+    try:
+        burst = await asyncio.gather(*(signup(i) for i in range(8)))
+        later = await trickle(100)
+        alone = await signup(200)  # idle again: the last batch set the level to one
+    finally:
+        await batcher.stop()
+    assert sizes == [8, 8, 1]
+    assert [r.status for r in [*burst, *later, alone]] == ["pending"] * 17
+    async with db.transaction() as session:
+        assert await session.scalar(select(func.count()).select_from(Subscriber)) == 17
