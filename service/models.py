@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -52,6 +53,29 @@ class UTCDateTime(TypeDecorator[datetime]):
             raise ValueError("naive datetime")
         value = value.astimezone(UTC)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any] | None:
+        """process_bind_param plus SQLite's text format in one step, remembering the last
+        value: a batch binds the same timestamp to every row, and the generic chain of
+        processors was a seventh of a sign-up batch's CPU on SQLite."""
+        if dialect.name != "sqlite":
+            return super().bind_processor(dialect)
+        last: list[tuple[datetime | None, str]] = [(None, "")]
+
+        def process(value: datetime | None) -> str | None:
+            if value is None:
+                return None
+            seen, text = last[0]
+            if value is seen:
+                return text
+            if value.tzinfo is None:
+                raise ValueError("naive datetime")
+            # The format of SQLAlchemy's SQLite DATETIME, which existing rows are stored in.
+            text = value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+            last[0] = (value, text)  # one assignment: a reader sees a whole pair
+            return text
+
+        return process
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:

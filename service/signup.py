@@ -390,14 +390,21 @@ def _aware(value: datetime | str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=utcnow().tzinfo)
 
 
+def _wants_mail(work: _Work) -> bool:
+    """Something to confirm, or nothing new at all (then "already subscribed")."""
+    return bool(work.pending or not work.activated)
+
+
 async def _queue_mail(
     session: AsyncSession, settings: Settings, batch: list[_Work], now: datetime
 ) -> None:
     # Someone with nothing new to confirm hears "already subscribed" instead; both kinds of
     # mail share the per-address cap, so the form cannot be used to bomb an inbox.
-    wanting = [w for w in batch if w.pending or not w.activated]
     allowed = await _under_cap(
-        session, settings, [w.subscriber_id for w in wanting if not w.created], now
+        session,
+        settings,
+        [w.subscriber_id for w in batch if _wants_mail(w) and not w.created],
+        now,
     )
     mails: list[dict[str, Any]] = []
     confirmations: list[dict[str, Any]] = []
@@ -414,7 +421,7 @@ async def _queue_mail(
                     now,
                 )
             )
-        if work not in wanting or not (work.created or work.subscriber_id in allowed):
+        if not _wants_mail(work) or not (work.created or work.subscriber_id in allowed):
             continue
         if work.pending:
             token, token_hash = tokens.new_confirmation_token()
