@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service import bulk
 from service.models import (
     Event,
     Newsletter,
@@ -59,7 +60,7 @@ async def record(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
     hooks = (await (await session.connection()).execute(ACTIVE_WEBHOOKS)).all()
     wanted = [(hook_id, set(types)) for hook_id, types in hooks]
     if not any(row["type"] in types for row in rows for _, types in wanted):
-        await (await session.connection()).execute(insert(table(Event)), rows)
+        await bulk.insert_rows(await session.connection(), table(Event), rows)
         return
     result = await (await session.connection()).execute(
         insert(table(Event)).returning(

@@ -52,6 +52,7 @@ SWEEP_INTERVAL = 60.0
 OUTAGE_LOG_INTERVAL = 60.0
 # A storage that does not answer in this time is treated as down (the sign-up goes through).
 STORAGE_TIMEOUT = 2.0
+KEY_CACHE_SIZE = 10_000  # client addresses whose counter key is remembered
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _windows = table(RateLimitWindow)
@@ -351,6 +352,7 @@ class SignupLimiter:
         )
         self.trusted = parse_networks(settings.trusted_proxies)
         self.pepper = (settings.secret_keys[0] if settings.secret_keys else "").encode()
+        self._keys: dict[str, str] = {}
         self.kind = storage_kind(settings) if self.items else "off"
         self.storage: Storage | None = None
         if self.kind == "redis":
@@ -379,8 +381,7 @@ class SignupLimiter:
         """
         if self.limiter is None or ip is None:
             return None
-        # Counters are keyed by a keyed hash: no client address is stored, not even briefly.
-        key = hmac.new(self.pepper, limit_key(ip).encode(), hashlib.sha256).hexdigest()[:32]
+        key = self._key(ip)
         try:
             async with asyncio.timeout(STORAGE_TIMEOUT):
                 passed = await self._hit_all(self.limiter, key)
@@ -398,6 +399,17 @@ class SignupLimiter:
                 cause = exc.storage_error if isinstance(exc, StorageError) else exc
                 log.warning("rate-limit storage (%s) failed, not limiting: %r", self.kind, cause)
         return None
+
+    def _key(self, ip: str) -> str:
+        """Counters are keyed by a keyed hash: no client address is stored, not even briefly.
+        Remembered per address (a busy client is hashed once, not on every request)."""
+        key = self._keys.get(ip)
+        if key is None:
+            if len(self._keys) >= KEY_CACHE_SIZE:
+                self._keys.clear()
+            key = hmac.new(self.pepper, limit_key(ip).encode(), hashlib.sha256).hexdigest()[:32]
+            self._keys[ip] = key
+        return key
 
     async def _hit_all(self, limiter: FixedWindowRateLimiter, key: str) -> list[bool]:
         """Count the sign-up in every window; the exact database storage gets them at once, to

@@ -7,17 +7,15 @@ one transaction and one commit. `subscribe` is the same for one sign-up.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service import events, suppression, tokens
+from service import bulk, events, suppression, tokens
 from service.config import Settings
 from service.errors import InvalidInput, unknown_newsletters
 from service.models import (
@@ -306,22 +304,11 @@ async def _apply(
                     }
                 )
     if new_rows:
-        await (await session.connection()).execute(insert(table(Subscription)), new_rows)
+        await bulk.insert_rows(await session.connection(), table(Subscription), new_rows)
     if again:
         await (await session.connection()).execute(RESUBSCRIBE, again)
     await events.record(session, new_events)
     await _queue_mail(session, settings, batch, now)
-
-
-@functools.cache
-def _insert_subscribers(dialect: str) -> Any:
-    insert_for = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    subscribers = table(Subscriber)
-    return (
-        insert_for(subscribers)
-        .on_conflict_do_nothing(index_elements=["email_key"])
-        .returning(subscribers.c.id, subscribers.c.public_id, subscribers.c.email_key)
-    )
 
 
 async def _upsert_subscribers(session: AsyncSession, batch: list[_Work], now: datetime) -> None:
@@ -342,9 +329,14 @@ async def _upsert_subscribers(session: AsyncSession, batch: list[_Work], now: da
         for w in batch
     ]
     conn = await session.connection()
-    # executemany: SQLAlchemy folds it into one multi-row INSERT from a statement compiled once.
-    created = await conn.execute(_insert_subscribers(conn.dialect.name), rows)
-    for subscriber_id, public_id, key in created.all():
+    created = await bulk.insert_rows(
+        conn,
+        table(Subscriber),
+        rows,
+        on_conflict_do_nothing="email_key",
+        returning=("id", "public_id", "email_key"),
+    )
+    for subscriber_id, public_id, key in created:
         work = by_key[key]
         work.subscriber_id, work.public_id, work.created = subscriber_id, public_id, True
     known = [key for key, w in by_key.items() if not w.created]
@@ -440,7 +432,6 @@ async def _queue_mail(
             payload = mail_payload(work.public_id, work.newsletters)
             work.result.mail_queued = "already_subscribed"
         mails.append(outbox_row(work.result.mail_queued, email, work.subscriber_id, payload, now))
-    if confirmations:
-        await (await session.connection()).execute(insert(table(Confirmation)), confirmations)
-    if mails:
-        await (await session.connection()).execute(insert(table(OutboxMessage)), mails)
+    conn = await session.connection()
+    await bulk.insert_rows(conn, table(Confirmation), confirmations)
+    await bulk.insert_rows(conn, table(OutboxMessage), mails)

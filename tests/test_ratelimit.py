@@ -16,11 +16,12 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from service import ratelimit
 from service.app import create_app
 from service.config import Settings
 from service.db import Database
 from service.models import OutboxMessage, Subscriber
-from service.ratelimit import client_ip, limit_key, parse_networks
+from service.ratelimit import SignupLimiter, client_ip, limit_key, parse_networks
 from tests.conftest import free_port, make_newsletter
 from tests.test_admin import make_key
 from tests.test_signup_api import PENDING, count, problem, signup, statuses
@@ -420,3 +421,22 @@ async def test_counts_not_yet_synced_are_written_when_the_service_stops(
     async with service_with(settings, **limit, rate_limit_sync_seconds=0) as two:
         problem(await signup(two.client, "b@example.com", "weekly"), 429)
     assert await count(db, Subscriber) == 1
+
+
+async def test_counter_keys_are_remembered_without_changing_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    limiter = SignupLimiter(Settings(secret_keys=["k"], signup_rate_limit="5/minute"), None)
+    monkeypatch.setattr(ratelimit, "KEY_CACHE_SIZE", 2)
+    try:
+        first = limiter._key("2001:db8::1")
+        assert limiter._key("2001:db8::2") == first  # one /64, one counter
+        other = limiter._key("198.51.100.7")
+        assert other != first and "198.51.100.7" not in other  # a keyed hash, not the address
+        assert len(limiter._keys) <= 2
+        assert limiter._key("2001:db8::1") == first  # recomputed after the cache was emptied
+        fresh = SignupLimiter(Settings(secret_keys=["k"], signup_rate_limit="5/minute"), None)
+        assert fresh._key("198.51.100.7") == other  # the same key in every process
+        await fresh.close()
+    finally:
+        await limiter.close()
