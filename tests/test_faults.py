@@ -24,8 +24,10 @@ import httpx
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import DBAPIError
 
+from service import db as db_module
 from service.app import create_app
 from service.config import Settings
 from service.db import Database
@@ -222,6 +224,50 @@ async def test_postgresql_backends_killed_during_a_signup_burst_lose_nothing(
         stored = [e for e in [*emails, "after@example.com"] if found.subscribers[e]]
         assert recipients(server.sink) == Counter(dict.fromkeys(stored, 1))
         assert all("/confirm/" in mail.text() for mail in server.sink.received)
+
+
+async def _kill_pool(db: Database, url: str) -> int:
+    async with db.transaction() as session:  # one connection in the pool, then idle there
+        mine = await session.scalar(text("SELECT pg_backend_pid()"))
+    conn = await asyncpg.connect(url)
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM pg_terminate_backend($1)", mine))
+    finally:
+        await conn.close()
+
+
+async def test_a_pooled_connection_killed_while_idle_is_replaced_unseen(
+    settings: Settings, test_database: TestDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if test_database.backend != "postgresql":
+        pytest.skip("terminating server backends is a PostgreSQL fault")
+    monkeypatch.setattr(db_module, "IDLE_PING_AFTER", 0.0)  # every checkout counts as idle
+    db = Database(settings)
+    try:
+        assert await _kill_pool(db, test_database.url) == 1
+        async with db.transaction() as session:  # the ping finds it dead: a new one is used
+            assert await session.scalar(text("SELECT 1")) == 1
+    finally:
+        await db.dispose()
+
+
+async def test_a_busy_connection_killed_fails_once_then_the_pool_recovers(
+    settings: Settings, test_database: TestDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if test_database.backend != "postgresql":
+        pytest.skip("terminating server backends is a PostgreSQL fault")
+    monkeypatch.setattr(db_module, "IDLE_PING_AFTER", 3600.0)  # never pinged: seen as busy
+    db = Database(settings)
+    try:
+        await _kill_pool(db, test_database.url)
+        with pytest.raises(DBAPIError) as failed:
+            async with db.transaction() as session:
+                await session.scalar(text("SELECT 1"))
+        assert failed.value.connection_invalidated
+        async with db.transaction() as session:
+            assert await session.scalar(text("SELECT 1")) == 1
+    finally:
+        await db.dispose()
 
 
 # ---------------------------------------------------------------- database down
