@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import time
@@ -103,6 +104,7 @@ def _near(label: str, popular: str) -> bool:
     return _distance(label, popular, 2) <= (1 if len(popular) < 7 else 2)
 
 
+@functools.lru_cache(maxsize=8192)  # a few domains make most sign-ups: compare them once
 def suggest_domain(domain: str) -> str | None:
     """The popular domain this one is a typo of, or None (never for a popular one itself)."""
     domain = domain.lower().rstrip(".")
