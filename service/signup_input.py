@@ -62,46 +62,20 @@ def _clean_free_text(value: str) -> str:
     return "".join(ch for ch in value if ch.isprintable()).strip()
 
 
-def parse_signup(data: dict[str, Any], settings: Settings) -> SignupInput:
-    """Validate a decoded body; raise InvalidInput with every field error at once."""
+def parse_profile(
+    data: dict[str, Any], settings: Settings
+) -> tuple[str | None, str | None, dict[str, Any]]:
+    """Name, language and attributes by the sign-up form's rules (ops edits use them too)."""
     errors: list[FieldError] = []
+    profile = _profile(data, settings, errors)
+    if errors:
+        raise InvalidInput(errors)
+    return profile
 
-    raw_email = _text(data.get("email"))
-    address: Address | None = None
-    if not raw_email:
-        errors.append(FieldError("email", "required", REQUIRED))
-    else:
-        checked = normalise(raw_email)
-        if isinstance(checked, FieldError):
-            errors.append(checked)
-        else:
-            address = checked
 
-    raw_slugs = data.get("newsletters")
-    if isinstance(raw_slugs, str):
-        raw_slugs = [raw_slugs]
-    slugs: list[str] = []
-    if not raw_slugs:
-        errors.append(FieldError("newsletters", "required", REQUIRED))
-    elif not isinstance(raw_slugs, list) or not all(isinstance(s, str) for s in raw_slugs):
-        errors.append(FieldError("newsletters", "invalid", "Newsletters must be a list of slugs."))
-    elif len(raw_slugs) > settings.max_newsletters_per_signup:
-        errors.append(
-            FieldError(
-                "newsletters",
-                "too_many",
-                f"At most {settings.max_newsletters_per_signup} newsletters per sign-up.",
-            )
-        )
-    else:
-        slugs = list(dict.fromkeys(s.strip() for s in raw_slugs if s.strip()))
-        # A slug no newsletter can have (a NUL byte breaks PostgreSQL) never reaches a query.
-        malformed = [s for s in slugs if len(s) > MAX_SLUG or not SLUG.match(s)]
-        if not slugs:
-            errors.append(FieldError("newsletters", "required", REQUIRED))
-        elif malformed:
-            errors.append(unknown_newsletters(malformed))
-
+def _profile(
+    data: dict[str, Any], settings: Settings, errors: list[FieldError]
+) -> tuple[str | None, str | None, dict[str, Any]]:
     name = _text(data.get("name"))
     if data.get("name") is not None and name is None:
         errors.append(FieldError("name", "invalid", "Name must be text."))
@@ -158,14 +132,58 @@ def parse_signup(data: dict[str, Any], settings: Settings) -> SignupInput:
                     )
                 )
 
+    return name or None, language or None, attributes
+
+
+def parse_signup(data: dict[str, Any], settings: Settings) -> SignupInput:
+    """Validate a decoded body; raise InvalidInput with every field error at once."""
+    errors: list[FieldError] = []
+
+    raw_email = _text(data.get("email"))
+    address: Address | None = None
+    if not raw_email:
+        errors.append(FieldError("email", "required", REQUIRED))
+    else:
+        checked = normalise(raw_email)
+        if isinstance(checked, FieldError):
+            errors.append(checked)
+        else:
+            address = checked
+
+    raw_slugs = data.get("newsletters")
+    if isinstance(raw_slugs, str):
+        raw_slugs = [raw_slugs]
+    slugs: list[str] = []
+    if not raw_slugs:
+        errors.append(FieldError("newsletters", "required", REQUIRED))
+    elif not isinstance(raw_slugs, list) or not all(isinstance(s, str) for s in raw_slugs):
+        errors.append(FieldError("newsletters", "invalid", "Newsletters must be a list of slugs."))
+    elif len(raw_slugs) > settings.max_newsletters_per_signup:
+        errors.append(
+            FieldError(
+                "newsletters",
+                "too_many",
+                f"At most {settings.max_newsletters_per_signup} newsletters per sign-up.",
+            )
+        )
+    else:
+        slugs = list(dict.fromkeys(s.strip() for s in raw_slugs if s.strip()))
+        # A slug no newsletter can have (a NUL byte breaks PostgreSQL) never reaches a query.
+        malformed = [s for s in slugs if len(s) > MAX_SLUG or not SLUG.match(s)]
+        if not slugs:
+            errors.append(FieldError("newsletters", "required", REQUIRED))
+        elif malformed:
+            errors.append(unknown_newsletters(malformed))
+
+    name, language, attributes = _profile(data, settings, errors)
     if errors or address is None:
         raise InvalidInput(errors)
     honeypot = data.get("website")
     return SignupInput(
         address=address,
         newsletters=slugs,
-        name=name or None,
-        language=language or None,
+        name=name,
+        language=language,
         attributes=attributes,
         honeypot=bool(honeypot),
     )

@@ -24,7 +24,7 @@ from service.models import (
     utcnow,
 )
 from service.signup import Consent, mail_payload, subscribe
-from service.signup_input import parse_signup
+from service.signup_input import parse_profile, parse_signup
 
 
 @dataclass
@@ -233,10 +233,10 @@ async def update_subscriber(
     """Change name, language or attributes (ops only; never from the public form)."""
     subscriber = await get_subscriber(session, public_id)
     fields = {k: v for k, v in changes.items() if k in ("name", "language", "attributes")}
-    # The public form's field rules apply to ops edits too.
-    checked = parse_signup({"email": subscriber.email, "newsletters": ["x"], **fields}, settings)
+    name, language, attributes = parse_profile(fields, settings)
+    checked = {"name": name, "language": language, "attributes": attributes}
     for key in fields:
-        setattr(subscriber, key, getattr(checked, key))
+        setattr(subscriber, key, checked[key])
     subscriber.updated_at = utcnow()
     await events.record(
         session,
