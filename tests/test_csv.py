@@ -19,11 +19,12 @@ import pytest
 from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import func, select
 
-from service import csv_export, csv_import, suppression, webhooks
+from service import csv_export, csv_import, suppression, tokens, webhooks
 from service.addresses import normalise
 from service.config import Settings
 from service.db import Database
 from service.keys import create_key
+from service.mail.render import Links
 from service.mail.worker import DeliveryWorker
 from service.models import (
     BlockedEntry,
@@ -901,3 +902,80 @@ async def test_staged_import_row_written_by_someone_else_meanwhile(
             .where(Subscription.status == "active")
         )
         assert sorted(emails) == ["first@example.com", "race@example.com"]
+
+
+# ---------------------------------------------------------------- the export's formatter
+
+
+def _reference_page(settings: Settings, slug: str, rows: list[tuple[Any, ...]]) -> bytes:
+    """A page as csv.writer writes it, with tokens.manage_token() and neutralise() per row."""
+    links = Links(settings)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    for email, name, language, public_id, status, sub_at, conf_at, unsub_at, source, _ in rows:
+        writer.writerow(
+            (
+                csv_export.neutralise(email),
+                csv_export.neutralise(name or ""),
+                status,
+                sub_at or "",
+                conf_at or "",
+                links.unsubscribe(public_id, slug),
+                links.manage(public_id),
+                csv_export.neutralise(language or ""),
+                unsub_at or "",
+                source,
+                public_id,
+            )
+        )
+    return out.getvalue().encode()
+
+
+@pytest.mark.parametrize(
+    "key", ["test-secret-one", "k", "ключ-🔑", "x" * 64, "y" * 65, "z" * 200], ids=repr
+)
+def test_export_formatter_writes_what_csv_writer_and_manage_token_write(
+    settings: Settings, key: str
+) -> None:
+    settings = settings.model_copy(update={"secret_keys": [key, "older"]})
+    rng = random.Random(key)
+    texts = [
+        "",
+        None,
+        "Ada",
+        "=cmd()",
+        "+1",
+        "-x",
+        "@sum",
+        "\tTab",
+        "a,b",
+        'say "hi"',
+        "line\nbreak",
+        "cr\rhere",
+        "Ünïcödé",
+        "'=already",
+    ]
+    emails = ["a@example.com", "=x@example.com", "+tag@example.com", "-a@example.com"]
+
+    def row(i: int, free_text: bool) -> tuple[Any, ...]:
+        return (
+            rng.choice(emails) if free_text else f"u{i}@example.com",
+            rng.choice(texts) if free_text else rng.choice(["Ada", None, "=sum()"]),
+            rng.choice(["en", "-en", None]) if free_text else rng.choice(["en", None]),
+            csv_import.new_public_ids(1)[0],
+            rng.choice(["active", "pending", "unsubscribed"]),
+            "2026-11-25T10:00:00Z",
+            rng.choice(["2026-11-25T10:01:00Z", None]),
+            rng.choice(["2026-11-25T10:02:00Z", None]),
+            rng.choice(["import", "form", "api"]),
+            i,
+        )
+
+    formatter = csv_export._RowFormatter(settings, "weekly")
+    for hostile in (False, True):  # a page with nothing to quote, and a page with some
+        rows = [row(i, hostile and i % 3 == 0) for i in range(300)]
+        assert formatter.format(rows) == _reference_page(settings, "weekly", rows)
+    for public_id in csv_import.new_public_ids(200):
+        assert csv_export._Signer(key).tokens([public_id]) == [
+            tokens.manage_token([key], public_id)
+        ]
