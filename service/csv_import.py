@@ -1086,17 +1086,15 @@ WITH created AS (
     LEFT JOIN subscriptions sub ON sub.subscriber_id = s.id AND sub.newsletter_id = $2
     WHERE NOT EXISTS (SELECT 1 FROM created c WHERE c.email_key = r.email_key)
 ), wanted AS (
-    SELECT r.line, c.id AS subscriber_id
-    FROM import_rows r JOIN created c ON c.email_key = r.email_key
+    SELECT id AS subscriber_id, email_key FROM created
     UNION ALL
-    SELECT line, subscriber_id FROM existing
+    SELECT subscriber_id, NULL FROM existing
     WHERE subscriber_id IS NOT NULL AND status IS NULL
 ), added AS (
     INSERT INTO subscriptions
         (subscriber_id, newsletter_id, status, created_at, updated_at, confirmed_at,
          consent_source, consent_user_agent, consent_page, consent_at)
-    SELECT subscriber_id, $2, 'active', $1, $1, $1, 'import', $3, $4, $1
-    FROM wanted ORDER BY line
+    SELECT subscriber_id, $2, 'active', $1, $1, $1, 'import', $3, $4, $1 FROM wanted
     ON CONFLICT (subscriber_id, newsletter_id) DO NOTHING
     RETURNING subscriber_id
 ), logged AS (
@@ -1108,7 +1106,10 @@ WITH created AS (
     WHERE subscriber_id IS NULL OR status IS NOT NULL
     UNION ALL
     -- A sign-up that landed between the read and the write keeps its own subscription.
-    SELECT w.line, w.subscriber_id, 'active', NULL, NULL FROM wanted w
+    SELECT coalesce(r.line, e.line), w.subscriber_id, 'active', NULL, NULL
+    FROM wanted w
+    LEFT JOIN import_rows r ON r.email_key = w.email_key
+    LEFT JOIN existing e ON w.email_key IS NULL AND e.subscriber_id = w.subscriber_id
     WHERE NOT EXISTS (SELECT 1 FROM added a WHERE a.subscriber_id = w.subscriber_id)
 )
 SELECT (SELECT count(*) FROM added),

@@ -30,6 +30,7 @@ from service.models import (
     BlockedEntry,
     Event,
     ImportJob,
+    Newsletter,
     OutboxMessage,
     Subscriber,
     Subscription,
@@ -979,3 +980,68 @@ def test_export_formatter_writes_what_csv_writer_and_manage_token_write(
         assert csv_export._Signer(key).tokens([public_id]) == [
             tokens.manage_token([key], public_id)
         ]
+
+
+async def test_staged_import_keeps_a_subscription_made_meanwhile(
+    db: Database, settings: Settings, tmp_path: Path
+) -> None:
+    """Someone already a subscriber signs up to this newsletter while the chunk's statement
+    runs: theirs is kept, the row is skipped as already subscribed, the others imported."""
+    if db.is_sqlite:
+        pytest.skip("PostgreSQL's concurrency")
+    await make_newsletter(db, "weekly")
+    await make_newsletter(db, "daily")
+    async with db.transaction() as session:
+        await add_subscriber(
+            session,
+            settings,
+            email="known@example.com",
+            newsletters=["daily"],
+            status="active",
+            actor="key:ops",
+            consent_note="phone call",
+        )
+        known = await session.scalar(
+            select(Subscriber.id).where(Subscriber.email_key == "known@example.com")
+        )
+        newsletter_id = await session.scalar(
+            select(Newsletter.id).where(Newsletter.slug == "weekly")
+        )
+    job, rows = await _job_and_rows(
+        db, settings, tmp_path / "list.csv", "email\nfirst@example.com\nknown@example.com\n"
+    )
+    other = Database(settings)
+    try:
+        async with other.transaction() as racing:
+            now = utcnow()
+            await racing.execute(
+                Subscription.__table__.insert().values(
+                    subscriber_id=known,
+                    newsletter_id=newsletter_id,
+                    status="pending",
+                    created_at=now,
+                    updated_at=now,
+                    pending_at=now,
+                    consent_source="form",
+                    consent_at=now,
+                )
+            )
+
+            async def write() -> tuple[int, list[tuple[int, str]]]:
+                async with db.transaction() as session:
+                    return await csv_import._write_active_pg(session, job, rows, utcnow())
+
+            writing = asyncio.ensure_future(write())
+            await asyncio.sleep(0.5)  # the import now waits on that subscription's insert
+            assert not writing.done()
+        imported, skipped = await writing
+    finally:
+        await other.dispose()
+    assert (imported, skipped) == (1, [(3, "already subscribed")])
+    async with db.transaction() as session:
+        status = await session.scalar(
+            select(Subscription.status).where(
+                Subscription.subscriber_id == known, Subscription.newsletter_id == newsletter_id
+            )
+        )
+    assert status == "pending"
