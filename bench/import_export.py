@@ -14,6 +14,11 @@ Targets: import >= 50,000 rows/s (PostgreSQL), export >= 100,000 rows/s, < 300 M
 both, search p99 < 10 ms. On PostgreSQL it first times the same three INSERTs done by the
 server alone (INSERT ... SELECT from generate_series into another fresh database): the ceiling
 no client can pass on the machine.
+
+Import and export also print their CPU per row: the step's own process (all its threads;
+on SQLite that includes SQLite's work) and the PostgreSQL backends serving it, read from
+/proc before the pool is closed. On a 2-core machine shared with other people's work, rows/s
+moves with the load; CPU per row is what to compare between two versions of the code.
 """
 
 from __future__ import annotations
