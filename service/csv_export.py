@@ -8,8 +8,10 @@ a slow client downloads.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import csv
+import hashlib
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -43,6 +45,8 @@ EXPORT_COLUMNS = (
 
 # A spreadsheet runs a cell that starts with one of these as a formula (CSV injection).
 FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+_TRIGGER_CHARS = frozenset(FORMULA_TRIGGERS)  # a set: "" (an empty cell) is not in it
+HMAC_BLOCK = 64  # SHA-256's block size, in bytes
 _NEEDS_QUOTES = re.compile(r'[",\r\n]')
 
 
@@ -111,7 +115,16 @@ class CsvExport:
                 await session.execute(text("SET LOCAL enable_sort = off"))
             # On the Core connection: plain rows, without the ORM's per-row loading.
             connection = await session.connection()
-            return list((await connection.execute(self._page_query(session, after))).all())
+            query = self._page_query(session, after)
+            if not _is_pg(session):
+                return list((await connection.execute(query)).all())
+            # On PostgreSQL, through asyncpg itself: its records unpack like tuples, and
+            # SQLAlchemy's Row for each of them was a fifth of the export's CPU. SET LOCAL
+            # above went through SQLAlchemy, so the transaction is open.
+            driver: Any = (await connection.get_raw_connection()).driver_connection
+            compiled = query.compile(dialect=session.get_bind().dialect)
+            params = [compiled.params[name] for name in compiled.positiontup or ()]
+            return list(await driver.fetch(str(compiled), *params))
 
     def _page_query(self, session: AsyncSession, after: int) -> Any:
         # Keyset pages on (subscriber_id, newsletter_id), the unique index of subscriptions:
@@ -155,12 +168,47 @@ class CsvExport:
         return query
 
 
+class _Signer:
+    """tokens.manage_token() for a page of public ids at once: the same tokens, a third of
+    the CPU (~1 µs instead of ~2.7 per row).
+
+    HMAC-SHA256 as RFC 2104 (and hmac.digest) computes it, with the hashes of the padded key
+    computed once instead of for every row, and one base64 call for the whole page.
+    """
+
+    def __init__(self, key: str) -> None:
+        secret = key.encode()
+        if len(secret) > HMAC_BLOCK:
+            secret = hashlib.sha256(secret).digest()
+        secret = secret.ljust(HMAC_BLOCK, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in secret))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in secret))
+
+    def tokens(self, public_ids: list[str]) -> list[str]:
+        inner_copy, outer_copy = self._inner.copy, self._outer.copy
+        digests: list[bytes] = []
+        for public_id in public_ids:
+            inner = inner_copy()
+            inner.update(b"manage:" + public_id.encode())
+            outer = outer_copy()
+            outer.update(inner.digest())
+            # A zero byte makes each digest 33 bytes, a whole number of base64 groups, so the
+            # page encodes in one call: the first 43 of each 44 characters are the digest's
+            # own unpadded base64, as tokens._signature() writes it.
+            digests.append(outer.digest() + b"\0")
+        encoded = base64.urlsafe_b64encode(b"".join(digests)).decode()
+        return [
+            f"{public_id}.{encoded[i * 44 : i * 44 + 43]}" for i, public_id in enumerate(public_ids)
+        ]
+
+
 class _RowFormatter:
     """Turns a page of rows into CSV text: the signed links, formulas made inert."""
 
     def __init__(self, settings: Settings, slug: str) -> None:
         links = Links(settings)
         self.keys = settings.secret_keys
+        self.signer = _Signer(self.keys[0])
         # Both URLs are built by Links itself, split around the token: one HMAC per row.
         probe = "0" * 32
         token = tokens.manage_token(self.keys, probe)
@@ -169,13 +217,20 @@ class _RowFormatter:
         self.always_quote = bool(_NEEDS_QUOTES.search("".join(self.manage + self.unsubscribe)))
 
     def format(self, rows: list[Any]) -> bytes:
-        lines: list[str] = []
-        # csv.writer copies a character at a time (~17 µs for a row of two URLs); a row with
-        # nothing to quote is joined instead, byte for byte what csv.writer writes.
-        writer = csv.writer(_Appender(lines), lineterminator="\r\n")
+        signed = self.signer.tokens([row[3] for row in rows])
+        # Only the free text can hold a delimiter, a quote or a line break: one search for
+        # the whole page, and the careful path only for a page where one of them is.
+        free_text = "\x1f".join(
+            [row[0] for row in rows]
+            + [row[1] for row in rows if row[1]]
+            + [row[2] or "" for row in rows]
+        )
+        if self.always_quote or _NEEDS_QUOTES.search(free_text):
+            return self._format_quoting(rows, signed)
         manage_head, manage_tail = self.manage
         unsub_head, unsub_tail = self.unsubscribe
-        keys, always_quote, needs_quotes = self.keys, self.always_quote, _NEEDS_QUOTES
+        triggers = _TRIGGER_CHARS
+        lines: list[str] = []
         for (
             email,
             name,
@@ -187,8 +242,45 @@ class _RowFormatter:
             unsubscribed_at,
             consent_source,
             _subscriber_id,
-        ) in rows:
-            signed = tokens.manage_token(keys, public_id)
+        ), token in zip(rows, signed, strict=True):
+            # neutralise(), inline: a call per cell is a tenth of the row's time.
+            if email[:1] in triggers:
+                email = "'" + email
+            if name is None:
+                name = ""
+            elif name[:1] in triggers:
+                name = "'" + name
+            if language is None:
+                language = ""
+            elif language[:1] in triggers:
+                language = "'" + language
+            lines.append(
+                f"{email},{name},{status},{subscribed_at or ''},{confirmed_at or ''},"
+                f"{unsub_head}{token}{unsub_tail},{manage_head}{token}{manage_tail},"
+                f"{language},{unsubscribed_at or ''},{consent_source},{public_id}\r\n"
+            )
+        return "".join(lines).encode()
+
+    def _format_quoting(self, rows: list[Any], signed: list[str]) -> bytes:
+        lines: list[str] = []
+        # csv.writer copies a character at a time (~17 µs for a row of two URLs); a row with
+        # nothing to quote is joined instead, byte for byte what csv.writer writes.
+        writer = csv.writer(_Appender(lines), lineterminator="\r\n")
+        manage_head, manage_tail = self.manage
+        unsub_head, unsub_tail = self.unsubscribe
+        always_quote, needs_quotes = self.always_quote, _NEEDS_QUOTES
+        for (
+            email,
+            name,
+            language,
+            public_id,
+            status,
+            subscribed_at,
+            confirmed_at,
+            unsubscribed_at,
+            consent_source,
+            _subscriber_id,
+        ), token in zip(rows, signed, strict=True):
             name = name or ""
             language = language or ""
             row = (
@@ -197,14 +289,13 @@ class _RowFormatter:
                 status,
                 subscribed_at or "",
                 confirmed_at or "",
-                unsub_head + signed + unsub_tail,
-                manage_head + signed + manage_tail,
+                unsub_head + token + unsub_tail,
+                manage_head + token + manage_tail,
                 neutralise(language),
                 unsubscribed_at or "",
                 consent_source,
                 public_id,
             )
-            # Only the free text can hold a delimiter, a quote or a line break.
             if always_quote or needs_quotes.search(email + name + language):
                 writer.writerow(row)
             else:

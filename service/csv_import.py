@@ -69,6 +69,21 @@ IMPORT_COLUMNS = ("email", "name", "language")
 IGNORED_COLUMNS = frozenset(EXPORT_COLUMNS) - set(IMPORT_COLUMNS) | {"created_at", "id"}
 
 _LONG_LINE = "\x00line too long\x00"
+# Entries in each of the reader's caches (custom values' JSON, an address domain's parents).
+CACHE_ENTRIES = 10_000
+
+
+def new_public_ids(count: int) -> list[str]:
+    """`count` subscriber public ids, each what tokens.new_public_id() gives (uuid4().hex).
+
+    uuid4() reads the system's random source once per id (~5 µs, half of checking a row);
+    one read for the whole chunk, with the version and variant bits set as uuid4 sets them.
+    """
+    raw = bytearray(os.urandom(16 * count))
+    raw[6::16] = bytes(b & 0x0F | 0x40 for b in raw[6::16])
+    raw[8::16] = bytes(b & 0x3F | 0x80 for b in raw[8::16])
+    hexed = raw.hex()
+    return [hexed[i : i + 32] for i in range(0, len(hexed), 32)]
 
 
 class ImportFailed(Exception):
@@ -287,6 +302,11 @@ class _Reader:
         self.width = 0
         self.email = self.name = self.language = -1
         self.attributes: list[tuple[int, str]] = []
+        # Per-row work that repeats across rows is done once: most files hold few distinct
+        # sets of custom values and few domains. Both caches are bounded.
+        self._public_ids: list[str] = []
+        self._attributes_json: dict[tuple[tuple[str, str], ...], str] = {}
+        self._domains: dict[str, list[str]] = {}
 
     def close(self) -> None:
         self._file.close()
@@ -334,6 +354,7 @@ class _Reader:
         chunk = _Chunk()
         in_chunk: set[str] = set()
         records = self._records
+        self._public_ids = new_public_ids(size)
         while chunk.seen < size:
             line = self._line + 1
             try:
@@ -396,10 +417,26 @@ class _Reader:
         for index, key in self.attributes:
             if index < width and (value := _clean_text(_unneutralise(record[index]))):
                 attributes[key] = value
-        encoded = json.dumps(attributes) if attributes else "{}"
+        if attributes:
+            items = tuple(attributes.items())
+            encoded = self._attributes_json.get(items)
+            if encoded is None:
+                encoded = json.dumps(attributes)
+                if len(self._attributes_json) >= CACHE_ENTRIES:
+                    self._attributes_json.clear()
+                self._attributes_json[items] = encoded
+        else:
+            encoded = "{}"
         if len(encoded) > self._max_attributes:
             return f"attributes too large (more than {self._max_attributes} bytes of JSON)"
         key = address.key
+        domain = key.rpartition("@")[2]
+        domains = self._domains.get(domain)
+        if domains is None:
+            domains = suppression.domains_of(key)
+            if len(self._domains) >= CACHE_ENTRIES:
+                self._domains.clear()
+            self._domains[domain] = domains
         return _Row(
             line,
             address,
@@ -407,9 +444,9 @@ class _Reader:
             language,
             attributes,
             encoded,
-            tokens.new_public_id(),
+            self._public_ids.pop() if self._public_ids else tokens.new_public_id(),
             suppression.address_hash(key),
-            suppression.domains_of(key),
+            domains,
         )
 
 
@@ -758,10 +795,29 @@ async def _write_active(
 ) -> tuple[int, list[tuple[int, str]]]:
     """Active: subscribers, subscriptions and `subscription.confirmed` events, a few
     set-based statements for the whole chunk."""
+    if _is_pg(session):
+        return await _write_active_pg(session, job, rows, now)
+    return await _write_active_generic(session, job, rows, now)
+
+
+async def _write_active_generic(
+    session: AsyncSession, job: _Job, rows: list[_Row], now: datetime
+) -> tuple[int, list[tuple[int, str]]]:
+    """The active import on either database (SQLite's path; the reference for the other)."""
     rows, skipped = await _refused(session, rows)
     if not rows:
         return 0, skipped
     created = await _insert_subscribers(session, rows, now)
+    imported, more = await _subscribe_active(session, job, rows, created, now)
+    return imported, skipped + more
+
+
+async def _subscribe_active(
+    session: AsyncSession, job: _Job, rows: list[_Row], created: dict[str, int], now: datetime
+) -> tuple[int, list[tuple[int, str]]]:
+    """Subscribe the rows' subscribers (those just created, by key, and those found) as
+    active, with their events; the rows left as they were, with why."""
+    skipped: list[tuple[int, str]] = []
     ids, reasons = await _known(
         session, job, [r.address.key for r in rows if r.address.key not in created]
     )
@@ -778,24 +834,134 @@ async def _write_active(
     inserted = await _insert_subscriptions(session, job, [sid for sid, _ in wanted], now)
     # A sign-up that landed between our read and our write keeps its own subscription.
     skipped.extend((line, "already subscribed") for sid, line in wanted if sid not in inserted)
-    await events.record(
-        session,
-        [
-            events.event_row(
-                "subscription.confirmed",
-                sid,
-                job.newsletter.id,
-                job.actor,
-                None,
-                now,
-                source="import",
-                import_id=job.id,
-            )
-            for sid, _ in wanted
-            if sid in inserted
-        ],
-    )
+    confirmed = [sid for sid, _ in wanted if sid in inserted]
+    if await _webhooks_want_confirmed(session):
+        await events.record(session, _confirmed_events(job, confirmed, now))
+    elif confirmed:
+        pg = _is_pg(session)
+        await session.execute(
+            text(PG_INSERT_EVENTS if pg else SQLITE_INSERT_EVENTS).bindparams(_now_param()),
+            {
+                "now": now,
+                "newsletter_id": job.newsletter.id,
+                "actor": job.actor,
+                "data": _confirmed_data(job),
+                "subscriber_ids": confirmed if pg else json.dumps(confirmed),
+            },
+        )
     return len(inserted), skipped
+
+
+def _confirmed_data(job: _Job) -> str:
+    # The text events.record() stores for event_row(..., source="import", import_id=...).
+    return json.dumps({"source": "import", "import_id": job.id})
+
+
+def _confirmed_events(job: _Job, subscriber_ids: list[int], now: datetime) -> list[dict[str, Any]]:
+    return [
+        events.event_row(
+            "subscription.confirmed",
+            sid,
+            job.newsletter.id,
+            job.actor,
+            None,
+            now,
+            source="import",
+            import_id=job.id,
+        )
+        for sid in subscriber_ids
+    ]
+
+
+async def _webhooks_want_confirmed(session: AsyncSession) -> bool:
+    """Whether an active webhook wants `subscription.confirmed`: then the events go through
+    events.record(), which queues a call for each; otherwise one set-based INSERT is enough."""
+    hooks = (await (await session.connection()).execute(events.ACTIVE_WEBHOOKS)).all()
+    return any("subscription.confirmed" in types for _, types in hooks)
+
+
+async def _driver(session: AsyncSession) -> Any:
+    """The asyncpg connection under the session, inside the session's transaction.
+
+    SQLAlchemy's adapter sends BEGIN with its first statement, so one statement is sent
+    through it before anything goes to the driver directly.
+    """
+    connection = await session.connection()
+    driver: Any = (await connection.get_raw_connection()).driver_connection
+    if not driver.is_in_transaction():
+        await connection.execute(text("SELECT 1"))
+    if not driver.is_in_transaction():  # pragma: no cover - a changed SQLAlchemy adapter
+        raise RuntimeError("the import's statements would run outside its transaction")
+    return driver
+
+
+async def _write_active_pg(
+    session: AsyncSession, job: _Job, rows: list[_Row], now: datetime
+) -> tuple[int, list[tuple[int, str]]]:
+    """Active on PostgreSQL: the chunk is copied (binary COPY) into a temporary table, and
+    the checks and the three inserts run there, set-based, in two statements.
+
+    The same rules as the generic path (_refused, then _subscribe_active); only rows that
+    are not imported come back to Python, with what decides their reason.
+    """
+    if not rows:
+        return 0, []
+    hooks_want = await _webhooks_want_confirmed(session)  # also opens the transaction
+    driver = await _driver(session)
+    # The temporary table has no statistics, so the planner guesses its size; a guess over
+    # jit_above_cost compiles the statement, ~18 ms a chunk for a plan that runs in 20 ms.
+    await driver.execute("SET LOCAL jit = off")
+    await driver.execute(PG_STAGING)
+    await driver.copy_records_to_table(
+        "import_rows",
+        records=[
+            (
+                r.line,
+                r.public_id,
+                r.address.email,
+                r.address.key,
+                r.name,
+                r.language,
+                r.attributes_json,
+                r.email_hash,
+                r.domains,
+            )
+            for r in rows
+        ],
+        columns=STAGING_COLUMNS,
+    )
+    skipped: list[tuple[int, str]] = [
+        (line, reason) for line, reason in await driver.fetch(PG_STAGED_REFUSED)
+    ]
+    if skipped:
+        await driver.execute(PG_DROP_STAGED, [line for line, _ in skipped])
+    found = await driver.fetchrow(
+        PG_STAGED_WRITE,
+        now,
+        job.newsletter.id,
+        job.marker,
+        job.note,
+        job.actor,
+        _confirmed_data(job),
+        not hooks_want,
+    )
+    imported = int(found[0])
+    if hooks_want and found[1]:
+        await events.record(session, _confirmed_events(job, list(found[1]), now))
+    lost: set[int] = set()
+    if found[2]:
+        for line, sid, status, source, marker in zip(*found[2:], strict=True):
+            if sid is None:
+                lost.add(line)  # neither created nor seen: the generic path looks again
+            else:
+                skipped.append((line, _skip_reason(job, status, source, marker)))
+    if lost:
+        more_imported, more_skipped = await _subscribe_active(
+            session, job, [r for r in rows if r.line in lost], {}, now
+        )
+        imported += more_imported
+        skipped.extend(more_skipped)
+    return imported, skipped
 
 
 # Named SQL for the hot path, one statement per table whatever the chunk size: PostgreSQL
@@ -853,6 +1019,104 @@ SELECT value, :newsletter_id, 'active', :now, :now, :now, 'import', :marker, :no
 FROM json_each(:subscriber_ids) WHERE true
 ON CONFLICT (subscriber_id, newsletter_id) DO NOTHING
 RETURNING subscriber_id
+"""
+
+
+PG_INSERT_EVENTS = """
+INSERT INTO events (type, subscriber_id, newsletter_id, actor, ip, data, created_at)
+SELECT 'subscription.confirmed', r, :newsletter_id, :actor, NULL, CAST(:data AS json), :now
+FROM unnest(CAST(:subscriber_ids AS bigint[])) AS r
+"""
+SQLITE_INSERT_EVENTS = """
+INSERT INTO events (type, subscriber_id, newsletter_id, actor, ip, data, created_at)
+SELECT 'subscription.confirmed', value, :newsletter_id, :actor, NULL, :data, :now
+FROM json_each(:subscriber_ids)
+"""
+# PostgreSQL's active import: a temporary table per connection, emptied by every commit.
+STAGING_COLUMNS = [
+    "line",
+    "public_id",
+    "email",
+    "email_key",
+    "name",
+    "language",
+    "attributes",
+    "email_hash",
+    "domains",
+]
+PG_STAGING = """
+CREATE TEMPORARY TABLE IF NOT EXISTS import_rows (
+    line integer NOT NULL, public_id text NOT NULL, email text NOT NULL,
+    email_key text NOT NULL, name text, language text, attributes text NOT NULL,
+    email_hash text NOT NULL, domains text[] NOT NULL
+) ON COMMIT DELETE ROWS
+"""
+# The rules of _refused(): a blocked address or domain first, then a suppressed address.
+PG_STAGED_REFUSED = """
+SELECT r.line,
+       CASE WHEN EXISTS (SELECT 1 FROM blocklist b
+                         WHERE b.kind = 'address' AND b.value = r.email_key)
+              OR EXISTS (SELECT 1 FROM blocklist b
+                         WHERE b.kind = 'domain' AND b.value = ANY(r.domains))
+            THEN 'blocked' ELSE 'suppressed' END
+FROM import_rows r
+WHERE EXISTS (SELECT 1 FROM blocklist b WHERE b.kind = 'address' AND b.value = r.email_key)
+   OR EXISTS (SELECT 1 FROM blocklist b WHERE b.kind = 'domain' AND b.value = ANY(r.domains))
+   OR EXISTS (SELECT 1 FROM suppressions s WHERE s.email_hash = r.email_hash)
+"""
+PG_DROP_STAGED = "DELETE FROM import_rows WHERE line = ANY($1::integer[])"
+# _insert_subscribers() and _subscribe_active() in one statement. Its parts share one
+# snapshot: `existing` sees the subscribers from before the statement, `created` the new
+# ones; a row in neither (an address written or erased by someone else meanwhile) comes
+# back with no subscriber id, for the generic path to look at again. $7: write the events
+# here (no webhook wants them), else return the subscribed ids for events.record().
+PG_STAGED_WRITE = """
+WITH created AS (
+    INSERT INTO subscribers
+        (public_id, email, email_key, name, language, attributes, created_at, updated_at)
+    SELECT public_id, email, email_key, name, language, CAST(attributes AS json), $1, $1
+    FROM import_rows ORDER BY line
+    ON CONFLICT (email_key) DO NOTHING
+    RETURNING id, email_key
+), existing AS (
+    SELECT r.line, s.id AS subscriber_id, sub.status, sub.consent_source,
+           sub.consent_user_agent
+    FROM import_rows r
+    LEFT JOIN subscribers s ON s.email_key = r.email_key
+    LEFT JOIN subscriptions sub ON sub.subscriber_id = s.id AND sub.newsletter_id = $2
+    WHERE NOT EXISTS (SELECT 1 FROM created c WHERE c.email_key = r.email_key)
+), wanted AS (
+    SELECT id AS subscriber_id, email_key FROM created
+    UNION ALL
+    SELECT subscriber_id, NULL FROM existing
+    WHERE subscriber_id IS NOT NULL AND status IS NULL
+), added AS (
+    INSERT INTO subscriptions
+        (subscriber_id, newsletter_id, status, created_at, updated_at, confirmed_at,
+         consent_source, consent_user_agent, consent_page, consent_at)
+    SELECT subscriber_id, $2, 'active', $1, $1, $1, 'import', $3, $4, $1 FROM wanted
+    ON CONFLICT (subscriber_id, newsletter_id) DO NOTHING
+    RETURNING subscriber_id
+), logged AS (
+    INSERT INTO events (type, subscriber_id, newsletter_id, actor, ip, data, created_at)
+    SELECT 'subscription.confirmed', subscriber_id, $2, $5, NULL, CAST($6 AS json), $1
+    FROM added WHERE $7
+), skipped AS (
+    SELECT line, subscriber_id, status, consent_source, consent_user_agent FROM existing
+    WHERE subscriber_id IS NULL OR status IS NOT NULL
+    UNION ALL
+    -- A sign-up that landed between the read and the write keeps its own subscription.
+    SELECT coalesce(r.line, e.line), w.subscriber_id, 'active', NULL, NULL
+    FROM wanted w
+    LEFT JOIN import_rows r ON r.email_key = w.email_key
+    LEFT JOIN existing e ON w.email_key IS NULL AND e.subscriber_id = w.subscriber_id
+    WHERE NOT EXISTS (SELECT 1 FROM added a WHERE a.subscriber_id = w.subscriber_id)
+)
+SELECT (SELECT count(*) FROM added),
+       CASE WHEN $7 THEN NULL ELSE (SELECT array_agg(subscriber_id) FROM added) END,
+       array_agg(line), array_agg(subscriber_id), array_agg(status),
+       array_agg(consent_source), array_agg(consent_user_agent)
+FROM skipped
 """
 
 
