@@ -26,6 +26,8 @@ from sqlalchemy import select
 from service.config import Settings
 from service.db import Database
 from service.mail import outbox
+from service.mail.render import OutgoingMail
+from service.mail.transports import SMTPTransport
 from service.mail.worker import DeliveryWorker, SendPacer
 from service.models import DeliveryAttempt, OutboxMessage, utcnow
 from tests.conftest import (
@@ -56,8 +58,7 @@ class CountingSink(SMTPSink):
         self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: Any
     ) -> Any:
         self.greetings += 1
-        session.host_name = hostname
-        return responses
+        return await super().handle_EHLO(server, session, envelope, hostname, responses)
 
 
 @dataclass
@@ -174,9 +175,11 @@ async def test_smtp_outage_loses_nothing_and_sends_nothing_twice(
         assert {r.status for r in await rows(db)} == {"sent"}
 
 
+@pytest.mark.parametrize("pipelining", [True, False])
 async def test_temporary_refusal_is_retried_and_delivered_once(
-    app: FastAPI, db: Database, smtp: SMTPServer, worker: DeliveryWorker
+    app: FastAPI, db: Database, smtp: SMTPServer, worker: DeliveryWorker, pipelining: bool
 ) -> None:
+    smtp.sink.pipelining = pipelining
     await make_newsletter(db, "weekly")
     await signup_many(app, ["later@example.com"])
 
@@ -194,9 +197,11 @@ async def test_temporary_refusal_is_retried_and_delivered_once(
     assert (row.status, row.attempts, row.last_error) == ("sent", 2, None)
 
 
+@pytest.mark.parametrize("pipelining", [True, False])
 async def test_permanent_refusal_is_dead_and_not_retried(
-    app: FastAPI, db: Database, smtp: SMTPServer, worker: DeliveryWorker
+    app: FastAPI, db: Database, smtp: SMTPServer, worker: DeliveryWorker, pipelining: bool
 ) -> None:
+    smtp.sink.pipelining = pipelining
     await make_newsletter(db, "weekly")
     await signup_many(app, ["nobody@example.com"])
 
@@ -211,6 +216,42 @@ async def test_permanent_refusal_is_dead_and_not_retried(
     assert smtp.sink.received == []
     [row] = await rows(db)
     assert row.status == "dead"
+
+
+@dataclass
+class RefusingSink(SMTPSink):
+    """Refuses RCPT for the addresses in `refuse` with their answer."""
+
+    refuse: dict[str, str] = field(default_factory=dict)
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: Any
+    ) -> str:
+        if address in self.refuse:
+            return self.refuse[address]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_refused_recipient_fails_alone(
+    app: FastAPI, db: Database, settings: Settings, pipelining: bool
+) -> None:
+    await make_newsletter(db, "weekly")
+    emails = ["ok0@example.com", "gone@example.com", "full@example.com", "ok1@example.com"]
+    await signup_many(app, emails)
+    refuse = {"gone@example.com": "550 no such user", "full@example.com": "452 mailbox full"}
+    sink = RefusingSink(pipelining=pipelining, refuse=refuse)
+    with own_smtp(sink) as server:
+        worker = DeliveryWorker(db, settings.model_copy(update={"mail_url": server.url}))
+        assert await worker.run_once() == 4
+    assert recipients(sink) == {"ok0@example.com": 1, "ok1@example.com": 1}
+    by_address = {r.recipient: r for r in await rows(db)}
+    assert by_address["gone@example.com"].status == "dead"
+    assert "550" in str(by_address["gone@example.com"].last_error)
+    assert by_address["full@example.com"].status == "queued"
+    assert "452" in str(by_address["full@example.com"].last_error)
+    assert {by_address[e].status for e in ("ok0@example.com", "ok1@example.com")} == {"sent"}
 
 
 async def test_message_is_dead_after_max_attempts(
@@ -543,3 +584,19 @@ async def test_every_attempt_is_logged(app: FastAPI, db: Database, settings: Set
         ).all()
     assert [(n, result) for n, result, _ in log] == [(1, "retry"), (2, "sent")]
     assert "451" in (log[0][2] or "")
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_smtp_transport_pipelines_when_the_server_offers_it(pipelining: bool) -> None:
+    sink = SMTPSink(pipelining=pipelining)
+    with own_smtp(sink) as server:
+        async with SMTPTransport(server.url, timeout=5.0) as transport:
+            for i in range(3):
+                body = b"Subject: hi\n\n.leading dot\n..two\nlast line without end"
+                await transport.send(OutgoingMail("from@example.org", f"to{i}@example.com", body))
+            assert (transport.pipeline is not None) == pipelining
+    assert recipients(sink) == {f"to{i}@example.com": 1 for i in range(3)}
+    for mail in sink.received:
+        assert mail.message["Subject"] == "hi"
+        content = mail.message.get_content().replace("\r\n", "\n")
+        assert content == ".leading dot\n..two\nlast line without end\n"
