@@ -21,7 +21,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from fastapi import FastAPI
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from service.config import Settings
 from service.db import Database
@@ -600,3 +600,38 @@ async def test_smtp_transport_pipelines_when_the_server_offers_it(pipelining: bo
         assert mail.message["Subject"] == "hi"
         content = mail.message.get_content().replace("\r\n", "\n")
         assert content == ".leading dot\n..two\nlast line without end\n"
+
+
+async def test_record_sent_marks_only_own_rows_and_logs_every_send(
+    app: FastAPI, db: Database
+) -> None:
+    await make_newsletter(db, "weekly")
+    await signup_many(app, ["mine@example.com", "lost@example.com"])
+    async with db.transaction() as session:
+        claimed = await outbox.claim(session, "me", 10, timedelta(minutes=5))
+    mine, lost = claimed
+    async with db.transaction() as session:
+        # Another worker took this one over after our lease ran out.
+        await session.execute(
+            update(OutboxMessage).where(OutboxMessage.id == lost.id).values(lease_owner="other")
+        )
+    async with db.engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await outbox.record_sent(conn, "me", [(mine.id, "<a@x>", 1), (lost.id, "<b@x>", 1)])
+        else:
+            async with conn.begin():
+                await outbox.record_sent(conn, "me", [(mine.id, "<a@x>", 1), (lost.id, "<b@x>", 1)])
+    by_id = {r.id: r for r in await rows(db)}
+    assert (by_id[mine.id].status, by_id[mine.id].message_id) == ("sent", "<a@x>")
+    assert by_id[mine.id].payload is None and by_id[mine.id].sent_at is not None
+    assert (by_id[lost.id].status, by_id[lost.id].message_id) == ("sending", None)
+    assert by_id[lost.id].payload
+    async with db.transaction() as session:
+        log = (
+            await session.execute(
+                select(DeliveryAttempt.outbox_id, DeliveryAttempt.attempt, DeliveryAttempt.result)
+            )
+        ).all()
+    # Both were handed to the mail server: both sends are logged.
+    assert sorted(log) == sorted([(mine.id, 1, "sent"), (lost.id, 1, "sent")])

@@ -93,6 +93,7 @@ class _Skeleton:
     Pieces alternate literal and slot number (as re.split with one group leaves them)."""
 
     sender: str
+    slots: frozenset[int]  # the recipient's values it holds
     head: list[str]
     text: list[str]
     html: list[str]
@@ -172,12 +173,15 @@ class MailRenderer:
         Every template gets the same, fully server-made context: nothing a sign-up typed (a
         name, attributes) ever reaches a message, so the form cannot carry someone's words.
         """
-        values = self._values(template, recipient, newsletters, payload, message_id)
         skeleton = self._skeleton(template, newsletters, "token" in payload)
         if skeleton is not None:
+            values = self._values(
+                template, recipient, newsletters, payload, message_id, skeleton.slots
+            )
             mail = self._fill_in(skeleton, recipient, values)
             if mail is not None:
                 return mail
+        values = self._values(template, recipient, newsletters, payload, message_id)
         return self._render(template, newsletters, values)
 
     def render_full(
@@ -199,18 +203,25 @@ class MailRenderer:
         newsletters: Sequence[Newsletter],
         payload: dict[str, Any],
         message_id: str,
+        slots: frozenset[int] | None = None,
     ) -> list[Any]:
-        """The recipient's own values, in slot order."""
+        """The recipient's own values, in slot order; of `slots` only, when given (the
+        links each cost a signature; a confirmation has none but its confirm link)."""
         public_id = str(payload["subscriber"])
         single = newsletters[0].slug if len(newsletters) == 1 else None
-        unsubscribe = self.links.unsubscribe(public_id, single)
+        wanted = slots if slots is not None else frozenset(range(7))
+        unsubscribe = (
+            self.links.unsubscribe(public_id, single)
+            if wanted & {self._UNSUBSCRIBE, self._LIST_UNSUBSCRIBE}
+            else None
+        )
         list_unsubscribe = (
             None
             if template == "confirmation"
             else f"<{unsubscribe}>, <{self.links.unsubscribe_mailto(public_id)}>"
         )
         return [
-            self.links.manage(public_id),
+            self.links.manage(public_id) if self._MANAGE in wanted else None,
             unsubscribe,
             self.links.confirm(payload["token"]) if "token" in payload else None,
             recipient,
@@ -319,6 +330,7 @@ class MailRenderer:
             return None
         return _Skeleton(
             sender=sender,
+            slots=frozenset(int(n) for p in pieces for n in p[1::2]),
             head=pieces[0],
             text=pieces[1],
             html=pieces[2],

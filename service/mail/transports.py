@@ -203,6 +203,12 @@ class SMTPTransport:
             self.client = None
 
     async def _connect(self) -> aiosmtplib.SMTP:
+        if self.pipeline is not None and (
+            self.pipeline.lost is not None or self.pipeline.transport.is_closing()
+        ):
+            # Closed by the server while idle between batches: open another.
+            self.pipeline.transport.close()
+            self.pipeline = self.client = None
         if self.client is None or not self.client.is_connected:
             client = aiosmtplib.SMTP(
                 hostname=self.hostname,
