@@ -27,7 +27,7 @@ from service.config import Settings
 from service.db import Database
 from service.mail import outbox
 from service.mail.render import OutgoingMail
-from service.mail.transports import SMTPTransport
+from service.mail.transports import DeliveryError, SMTPTransport
 from service.mail.worker import DeliveryWorker, SendPacer
 from service.models import DeliveryAttempt, OutboxMessage, utcnow
 from tests.conftest import (
@@ -635,3 +635,46 @@ async def test_record_sent_marks_only_own_rows_and_logs_every_send(
         ).all()
     # Both were handed to the mail server: both sends are logged.
     assert sorted(log) == sorted([(mine.id, 1, "sent"), (lost.id, 1, "sent")])
+
+
+@dataclass
+class SilentSink(SMTPSink):
+    """Takes MAIL and never answers it."""
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: Any
+    ) -> str:
+        await asyncio.sleep(3)
+        return "250 OK"
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_server_that_stops_answering_is_a_transient_failure(pipelining: bool) -> None:
+    with own_smtp(SilentSink(pipelining=pipelining)) as server:
+        async with SMTPTransport(server.url, timeout=0.3) as transport:
+            with pytest.raises(DeliveryError) as failure:
+                await transport.send(OutgoingMail("a@example.org", "b@example.com", b"x\n"))
+    assert not failure.value.permanent
+
+
+async def test_announced_message_is_not_sent_until_its_own_turn() -> None:
+    def mail(n: int) -> OutgoingMail:
+        return OutgoingMail("from@example.org", f"to{n}@example.com", b"Subject: %d\n\nbody\n" % n)
+
+    first, announced, other, last = mail(1), mail(2), mail(3), mail(4)
+    sink = SMTPSink()
+    with own_smtp(sink) as server:
+        async with SMTPTransport(server.url, timeout=5.0) as transport:
+            await transport.send(first, then=(announced, None))
+            assert [m.rcpt_tos for m in sink.received] == [["to1@example.com"]]
+            # Another message than the one announced: the connection starts afresh.
+            await transport.send(other, then=(last, None))
+            await transport.send(last)
+            await transport.send(first, then=(announced, None))
+        # Closed with a message announced: its content never went out.
+    assert [m.rcpt_tos[0] for m in sink.received] == [
+        "to1@example.com",
+        "to3@example.com",
+        "to4@example.com",
+        "to1@example.com",
+    ]

@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from markupsafe import escape
+from sqlalchemy import JSON
 from sqlalchemy import inspect as sa_inspect
 
 from service import i18n, tokens
@@ -398,8 +399,16 @@ def _quoted_printable(text: str) -> bytes:
 
 
 def _fingerprint(newsletter: Newsletter) -> tuple[Any, ...]:
-    values = [getattr(newsletter, column) for column in _NEWSLETTER_COLUMNS]
-    return tuple(repr(v) if isinstance(v, list | dict) else v for v in values)
+    # Straight from the instance's dict: the attribute descriptors cost more than the rest.
+    values = list(map(newsletter.__dict__.get, _NEWSLETTER_COLUMNS))
+    for index in _UNHASHABLE_COLUMNS:
+        values[index] = repr(values[index])
+    return tuple(values)
 
 
 _NEWSLETTER_COLUMNS = tuple(c.key for c in sa_inspect(Newsletter).column_attrs)
+_UNHASHABLE_COLUMNS = tuple(
+    i
+    for i, c in enumerate(sa_inspect(Newsletter).column_attrs)
+    if isinstance(c.columns[0].type, JSON)
+)

@@ -17,6 +17,9 @@ import aiosmtplib.email
 
 from service.mail.render import OutgoingMail
 
+# A message and its MAIL FROM (None: the message's sender).
+Envelope = tuple[OutgoingMail, str | None]
+
 
 class DeliveryError(Exception):
     def __init__(self, message: str, permanent: bool) -> None:
@@ -34,8 +37,13 @@ class Transport(Protocol):
         tb: TracebackType | None,
     ) -> None: ...
 
-    async def send(self, mail: OutgoingMail, envelope_from: str | None = None) -> None:
-        """Deliver; `envelope_from` is the MAIL FROM (return path), else the From address."""
+    async def send(
+        self, mail: OutgoingMail, envelope_from: str | None = None, then: Envelope | None = None
+    ) -> None:
+        """Deliver; `envelope_from` is the MAIL FROM (return path), else the From address.
+
+        `then` is the message the caller sends next, if it knows: a transport may announce
+        it to the server along with this one (never its content)."""
         ...
 
 
@@ -51,7 +59,9 @@ class MaildirTransport:
     async def __aexit__(self, *_: object) -> None:
         return None
 
-    async def send(self, mail: OutgoingMail, envelope_from: str | None = None) -> None:
+    async def send(
+        self, mail: OutgoingMail, envelope_from: str | None = None, then: Envelope | None = None
+    ) -> None:
         # What the delivering MTA would have recorded as the return path.
         data = b"Return-Path: <" + (envelope_from or mail.sender).encode() + b">\r\n" + mail.data
 
@@ -137,13 +147,22 @@ class _Replies(asyncio.Protocol):
                 return got
             if self.lost is not None:
                 raise self.lost
-            self.waiter = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            self.waiter = waiter = loop.create_future()
+            # A timer, not asyncio.wait_for: that costs twice as much, twice a message.
+            timer = loop.call_later(self.timeout, self._expire, waiter)
             try:
-                await asyncio.wait_for(self.waiter, self.timeout)
-            except TimeoutError as exc:
-                raise aiosmtplib.SMTPReadTimeoutError("timed out waiting for the server") from exc
+                await waiter
             finally:
+                timer.cancel()
                 self.waiter = None
+
+    @staticmethod
+    def _expire(waiter: asyncio.Future[None]) -> None:
+        if not waiter.done():
+            waiter.set_exception(
+                aiosmtplib.SMTPReadTimeoutError("timed out waiting for the server")
+            )
 
     def write(self, data: bytes) -> None:
         if self.lost is not None or self.transport.is_closing():
@@ -182,6 +201,8 @@ class SMTPTransport:
         self.timeout = timeout
         self.client: aiosmtplib.SMTP | None = None
         self.pipeline: _Replies | None = None
+        # The next message whose commands were sent with the last one's content.
+        self.opened: tuple[OutgoingMail, str, bytes] | None = None
         self.size = False  # the server takes SIZE= on MAIL (RFC 1870)
 
     async def __aenter__(self) -> SMTPTransport:
@@ -190,7 +211,19 @@ class SMTPTransport:
     async def __aexit__(self, *_: object) -> None:
         await self._close()
 
+    def _abort(self) -> None:
+        """Drop the connection without QUIT: after a message's commands were sent ahead the
+        server may be waiting for its content, and would take anything sent as content."""
+        if self.pipeline is not None:
+            self.pipeline.transport.abort()
+        elif self.client is not None:
+            self.client.close()
+        self.pipeline = self.client = None
+        self.opened = None
+
     async def _close(self) -> None:
+        if self.opened is not None:
+            self._abort()
         if self.pipeline is not None:
             pipeline, self.pipeline, self.client = self.pipeline, None, None
             with contextlib.suppress(aiosmtplib.SMTPException, OSError):
@@ -207,8 +240,7 @@ class SMTPTransport:
             self.pipeline.lost is not None or self.pipeline.transport.is_closing()
         ):
             # Closed by the server while idle between batches: open another.
-            self.pipeline.transport.close()
-            self.pipeline = self.client = None
+            self._abort()
         if self.client is None or not self.client.is_connected:
             client = aiosmtplib.SMTP(
                 hostname=self.hostname,
@@ -229,13 +261,18 @@ class SMTPTransport:
                 self.size = client.supports_extension("size")
         return self.client
 
-    async def send(self, mail: OutgoingMail, envelope_from: str | None = None) -> None:
+    async def send(
+        self, mail: OutgoingMail, envelope_from: str | None = None, then: Envelope | None = None
+    ) -> None:
+        sender = envelope_from or mail.sender
+        if self.opened is not None and (self.opened[0] is not mail or self.opened[1] != sender):
+            self._abort()  # not the message announced: start afresh
         try:
             client = await self._connect()
             if self.pipeline is not None:
-                await self._send_pipelined(self.pipeline, mail, envelope_from or mail.sender)
+                await self._send_pipelined(self.pipeline, mail, sender, then)
             else:
-                await client.sendmail(envelope_from or mail.sender, [mail.recipient], mail.data)
+                await client.sendmail(sender, [mail.recipient], mail.data)
         except DeliveryError:
             await self._close()
             raise
@@ -251,14 +288,34 @@ class SMTPTransport:
             await self._close()
             raise DeliveryError(f"{type(exc).__name__}: {exc}", permanent=False) from exc
 
-    async def _send_pipelined(self, pipeline: _Replies, mail: OutgoingMail, sender: str) -> None:
+    def _envelope(self, mail: OutgoingMail, sender: str) -> tuple[bytes, bytes]:
+        """The MAIL, RCPT and DATA commands of a message, and its DATA as sent."""
         data = wire_data(mail.data)
         # SIZE counts the message as sent, without the end-of-data line (RFC 1870).
         size = b" SIZE=%d" % (len(data) - 3) if self.size else b""
-        pipeline.write(
-            b"MAIL FROM:%s%s\r\nRCPT TO:%s\r\nDATA\r\n"
-            % (_mailbox(sender), size, _mailbox(mail.recipient))
+        commands = b"MAIL FROM:%s%s\r\nRCPT TO:%s\r\nDATA\r\n" % (
+            _mailbox(sender),
+            size,
+            _mailbox(mail.recipient),
         )
+        return commands, data
+
+    async def _send_pipelined(
+        self, pipeline: _Replies, mail: OutgoingMail, sender: str, then: Envelope | None
+    ) -> None:
+        """MAIL, RCPT and DATA in one write, their three replies, then the message.
+
+        The next message's commands go out in the same write as this one's content (RFC 2920
+        lets a group start with message content): one write and one wake-up of each end a
+        message. The next message's content waits for its own call, so a caller may still
+        record this one as sent first; a connection closed meanwhile delivers nothing more.
+        """
+        opened, self.opened = self.opened, None
+        if opened is not None:
+            data = opened[2]  # its commands went out with the previous message (send checked)
+        else:
+            commands, data = self._envelope(mail, sender)
+            pipeline.write(commands)
         (
             (mail_code, mail_text),
             (rcpt_code, rcpt_text),
@@ -276,7 +333,13 @@ class SMTPTransport:
             )
         if data_code != 354:
             raise DeliveryError(f"{data_code} {data_text}", permanent=data_code >= 500)
-        pipeline.write(data)
+        if then is not None:
+            next_sender = then[1] or then[0].sender
+            next_commands, next_data = self._envelope(then[0], next_sender)
+            pipeline.write(data + next_commands)
+            self.opened = (then[0], next_sender, next_data)
+        else:
+            pipeline.write(data)
         ((code, text),) = await pipeline.replies(1)
         if code != 250:
             raise DeliveryError(f"{code} {text}", permanent=code >= 500)
