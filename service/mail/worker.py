@@ -91,6 +91,8 @@ class _SentMarker:
 
     async def _flush(self) -> None:
         while self.pending:
+            # Lanes whose replies came in the same turn of the loop join this group.
+            await asyncio.sleep(0)
             group, self.pending = self.pending, []
             sent = [(i, h, n) for i, h, n, _ in group]
             try:
