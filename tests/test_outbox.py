@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -16,6 +18,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import aiosmtplib
 import httpx
 import pytest
 from aiosmtpd.controller import Controller
@@ -678,3 +681,47 @@ async def test_announced_message_is_not_sent_until_its_own_turn() -> None:
         "to4@example.com",
         "to1@example.com",
     ]
+
+
+def self_signed(directory: Path) -> ssl.SSLContext:
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+async def test_pipelining_works_after_starttls(tmp_path: Path) -> None:
+    """The replies reader takes over the TLS transport aiosmtplib set up after STARTTLS."""
+    sink = SMTPSink()
+    port = free_port()
+    controller = Controller(
+        sink, hostname="127.0.0.1", port=port, tls_context=self_signed(tmp_path)
+    )
+    controller.start()
+    try:
+        transport = SMTPTransport(f"smtp://127.0.0.1:{port}?starttls=require", timeout=5.0)
+        # A self-signed certificate: the one thing the URL cannot say.
+        unverified = aiosmtplib.SMTP
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(aiosmtplib, "SMTP", lambda **kw: unverified(**kw, validate_certs=False))
+            await transport._connect()
+        assert transport.client is not None
+        assert transport.client.get_transport_info("sslcontext") is not None
+        assert transport.pipeline is not None
+        async with transport:
+            first = OutgoingMail("a@example.org", "one@example.com", b"Subject: 1\n\nx\n")
+            second = OutgoingMail("a@example.org", "two@example.com", b"Subject: 2\n\ny\n")
+            await transport.send(first, then=(second, None))
+            await transport.send(second)
+    finally:
+        controller.stop()
+    assert [m.rcpt_tos for m in sink.received] == [["one@example.com"], ["two@example.com"]]

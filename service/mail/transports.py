@@ -253,6 +253,10 @@ class SMTPTransport:
             )
             await client.connect()
             self.client = client
+            if client.is_ehlo_or_helo_needed:
+                # After STARTTLS (or without AUTH) aiosmtplib greets again only on the next
+                # command; the extensions are needed now, to know about PIPELINING.
+                await client.ehlo()
             transport = client.transport
             if client.supports_extension("pipelining") and isinstance(
                 transport, asyncio.WriteTransport
