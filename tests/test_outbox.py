@@ -725,3 +725,39 @@ async def test_pipelining_works_after_starttls(tmp_path: Path) -> None:
     finally:
         controller.stop()
     assert [m.rcpt_tos for m in sink.received] == [["one@example.com"], ["two@example.com"]]
+
+
+class _LoopbackEnd(asyncio.WriteTransport):
+    """The client's end of a connection whose server this test plays by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = False
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def abort(self) -> None:
+        self.closed = True
+
+
+async def test_replies_are_read_in_order_however_they_arrive() -> None:
+    from service.mail.transports import _Replies
+
+    end = _LoopbackEnd()
+    replies = _Replies(end, timeout=1.0)
+    replies.data_received(b"250 OK\r\n250-first line\r\n250-sec")
+    replies.data_received(b"ond line\r\n250 last\r\n35")
+    assert await replies.replies(2) == [(250, "OK"), (250, "first line\nsecond line\nlast")]
+    waiting = asyncio.ensure_future(replies.replies(2))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    replies.data_received(b"4 go ahead\r\nnonsense\r\n")
+    first, second = await waiting
+    assert first == (354, "go ahead")
+    assert second[0] == 0  # not an SMTP reply
+    replies.data_received(b"x" * 70000)
+    assert end.closed  # no line end in 64 KiB: not a mail server

@@ -113,19 +113,23 @@ class _Replies(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        start = 0
-        while (end := self.buffer.find(b"\n", start)) != -1:
-            line = bytes(self.buffer[start : end + 1])
-            start = end + 1
+        start = position = 0  # where the reply being read begins; where its next line does
+        while (end := self.buffer.find(b"\n", position)) != -1:
+            line, position = self.buffer[position : end + 1], end + 1
             if line[3:4] == b"-":
-                continue  # a multi-line reply goes on; its last line has the code and a space
+                continue  # a multi-line reply goes on; its last line has a space there
             try:
                 code = int(line[:3])
             except ValueError:
-                code = 0
-            self.ready.append((code, line[4:].strip().decode("utf-8", "replace")))
-            del self.buffer[:start]
-            start = 0
+                code = 0  # not SMTP: fails the message as a transient error
+            lines = bytes(self.buffer[start:position]).splitlines()
+            self.ready.append(
+                (code, "\n".join(x[4:].strip().decode("utf-8", "replace") for x in lines))
+            )
+            start = position
+        del self.buffer[:start]
+        if len(self.buffer) > 65536:  # no line end in sight: not a mail server
+            self.transport.abort()
         if self.ready and self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
