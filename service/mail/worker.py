@@ -4,6 +4,7 @@ record each outcome as it happens."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 OUTAGE_AFTER = 3
 PURGE_EVERY = 3600.0
 DEFERRED = "deferred: the mail server failed the messages before these"
+GROUP_WAIT = 0.002  # seconds a group commit waits for the other lanes
 MAIL_SENT = DELIVERIES.labels("email", "sent")  # looked up once, not once a message
 
 
@@ -76,23 +78,36 @@ class _SentMarker:
     It commits on one connection held for the batch: taking one from the pool for each group
     would cost a ping (pool_pre_ping) on top of the transaction's own round trips."""
 
-    def __init__(self, conn: AsyncConnection, owner: str) -> None:
+    def __init__(self, conn: AsyncConnection, owner: str, lanes: int) -> None:
         self.conn = conn
         self.owner = owner
+        self.lanes = lanes  # still sending
         self.pending: list[tuple[int, str, int, asyncio.Future[None]]] = []
         self.flushing: asyncio.Task[None] | None = None
+        self.all_in = asyncio.Event()
 
     async def mark(self, message_id: int, header_id: str, attempt: int) -> None:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.pending.append((message_id, header_id, attempt, done))
+        if len(self.pending) >= self.lanes:
+            self.all_in.set()
         if self.flushing is None or self.flushing.done():
             self.flushing = asyncio.create_task(self._flush())
         await done
 
+    def lane_done(self) -> None:
+        self.lanes -= 1
+        if self.pending and len(self.pending) >= self.lanes:
+            self.all_in.set()
+
     async def _flush(self) -> None:
         while self.pending:
-            # Lanes whose replies came in the same turn of the loop join this group.
-            await asyncio.sleep(0)
+            if len(self.pending) < self.lanes:
+                # The other lanes' replies are usually a moment away: a group of every lane
+                # halves the commits. A lane whose send failed does not come; wait briefly.
+                self.all_in.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.all_in.wait(), GROUP_WAIT)
             group, self.pending = self.pending, []
             sent = [(i, h, n) for i, h, n, _ in group]
             try:
@@ -177,7 +192,7 @@ class DeliveryWorker:
         async with self.db.engine.connect() as conn:
             if conn.dialect.name == "postgresql":
                 conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            marker = _SentMarker(conn, self.owner)
+            marker = _SentMarker(conn, self.owner, lanes)
             await asyncio.gather(
                 *(
                     self._send_lane(batch[lane::lanes], newsletters, send_until, outcome, marker)
@@ -193,13 +208,16 @@ class DeliveryWorker:
         outcome: _Outcome,
         marker: _SentMarker,
     ) -> None:
-        transport = await self._transport()
         try:
-            await self._send_with(transport, messages, newsletters, send_until, outcome, marker)
-        except BaseException:
-            await transport.__aexit__(None, None, None)
-            raise
-        self.idle_transports.append(transport)
+            transport = await self._transport()
+            try:
+                await self._send_with(transport, messages, newsletters, send_until, outcome, marker)
+            except BaseException:
+                await transport.__aexit__(None, None, None)
+                raise
+            self.idle_transports.append(transport)
+        finally:
+            marker.lane_done()
 
     async def _transport(self) -> Transport:
         if self.idle_transports:
