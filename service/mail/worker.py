@@ -75,10 +75,15 @@ class _SentMarker:
     """Group commit for delivery records: lanes that finish a send while a commit is running
     share the next one, so marking costs one transaction per group, not per message.
 
-    It commits on one connection held for the batch: taking one from the pool for each group
-    would cost a ping (pool_pre_ping) on top of the transaction's own round trips."""
+    On PostgreSQL it commits on one connection held for the batch: taking one from the pool
+    for each group would cost a ping (pool_pre_ping) on top of the group's statement. SQLite
+    has one connection per process by default, which the API shares: it is taken per group
+    (without a ping), not held while the lanes wait on the mail server."""
 
-    def __init__(self, conn: AsyncConnection, owner: str, lanes: int) -> None:
+    def __init__(
+        self, db: Database, owner: str, lanes: int, conn: AsyncConnection | None = None
+    ) -> None:
+        self.db = db
         self.conn = conn
         self.owner = owner
         self.lanes = lanes  # still sending
@@ -111,12 +116,12 @@ class _SentMarker:
             group, self.pending = self.pending, []
             sent = [(i, h, n) for i, h, n, _ in group]
             try:
-                if self.conn.dialect.name == "postgresql":
+                if self.conn is not None:
                     # One statement, autocommitted: durable when it returns.
                     await outbox.record_sent(self.conn, self.owner, sent)
                 else:
-                    async with self.conn.begin():
-                        await outbox.record_sent(self.conn, self.owner, sent)
+                    async with self.db.engine.begin() as conn:
+                        await outbox.record_sent(conn, self.owner, sent)
             except Exception as exc:
                 for *_, done in group:
                     if not done.done():
@@ -189,10 +194,12 @@ class DeliveryWorker:
         # Several SMTP connections at once: each exchange waits on the server most of the
         # time, so a few lanes multiply what one worker delivers.
         lanes = max(1, min(self.settings.worker_smtp_connections, len(batch)))
-        async with self.db.engine.connect() as conn:
-            if conn.dialect.name == "postgresql":
-                conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            marker = _SentMarker(conn, self.owner, lanes)
+        async with contextlib.AsyncExitStack() as stack:
+            held = None
+            if not self.db.is_sqlite:
+                held = await stack.enter_async_context(self.db.engine.connect())
+                held = await held.execution_options(isolation_level="AUTOCOMMIT")
+            marker = _SentMarker(self.db, self.owner, lanes, held)
             await asyncio.gather(
                 *(
                     self._send_lane(batch[lane::lanes], newsletters, send_until, outcome, marker)
