@@ -182,11 +182,13 @@ class _Replies(asyncio.Protocol):
 
 
 class SMTPTransport:
-    """One connection per batch, reconnected after a failure; 5xx answers are permanent.
+    """One connection, reconnected after a failure; 5xx answers are permanent.
 
-    When the server offers PIPELINING (RFC 2920), a message's MAIL, RCPT and DATA go out in
-    one write and their replies are read together, then the message: two round trips a
-    message instead of four. Otherwise aiosmtplib sends command by command.
+    aiosmtplib connects (greeting, EHLO, STARTTLS, AUTH). When the server offers PIPELINING
+    (RFC 2920), the transport then reads the replies itself: a message's MAIL, RCPT and DATA
+    go out in one write, and its content in one write with the next message's commands when
+    the caller names the next message. Otherwise aiosmtplib sends command by command, one
+    round trip each.
     """
 
     def __init__(self, url: str, timeout: float) -> None:
@@ -259,8 +261,10 @@ class SMTPTransport:
             self.client = client
             if client.is_ehlo_or_helo_needed:
                 # After STARTTLS (or without AUTH) aiosmtplib greets again only on the next
-                # command; the extensions are needed now, to know about PIPELINING.
-                await client.ehlo()
+                # command; the extensions are needed now, to know about PIPELINING. A server
+                # that refuses EHLO gets HELO from aiosmtplib's own sendmail.
+                with contextlib.suppress(aiosmtplib.SMTPHeloError):
+                    await client.ehlo()
             transport = client.transport
             if client.supports_extension("pipelining") and isinstance(
                 transport, asyncio.WriteTransport
