@@ -15,8 +15,9 @@ outbox must hold them all sent.
 
 The sink's ceiling: one process that does nothing but send a real, pre-rendered confirmation
 mail (rendered once by the service's MailRenderer) --count times over N persistent
-connections, with bare SMTP commands (EHLO once, then MAIL, RCPT, DATA per message; no TLS, no
-pipelining, as the worker's client), to a fresh sink. If 3 workers come close to that rate,
+connections, with bare SMTP commands (EHLO once, then MAIL, RCPT, DATA per message; no TLS,
+pipelined as the worker's client pipelines: each message's content in one write with the next
+one's commands), to a fresh sink. If 3 workers come close to that rate,
 the sink is what limits them.
 """
 
@@ -177,15 +178,18 @@ async def _blast(port: int, connections: int, count: int, data: bytes) -> tuple[
     print("ready", flush=True)
     await asyncio.to_thread(sys.stdin.readline)
 
+    envelope = b"MAIL FROM:<news@example.org>\r\nRCPT TO:<reader@example.com>\r\nDATA\r\n"
+
     async def lane(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
-        for _ in range(n):
-            writer.write(b"MAIL FROM:<news@example.org>\r\n")
+        # Pipelined as the worker sends when the server offers PIPELINING: a message's
+        # content goes out with the next one's MAIL, RCPT and DATA, one write a message.
+        if n:
+            writer.write(envelope)
+        for i in range(n):
             await _expect(reader, 250, "MAIL")
-            writer.write(b"RCPT TO:<reader@example.com>\r\n")
             await _expect(reader, 250, "RCPT")
-            writer.write(b"DATA\r\n")
             await _expect(reader, 354, "DATA")
-            writer.write(data)
+            writer.write(data + envelope if i + 1 < n else data)
             await _expect(reader, 250, "end of data")
         writer.write(b"QUIT\r\n")
         await _expect(reader, 221, "QUIT")

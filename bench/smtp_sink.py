@@ -14,21 +14,33 @@ import asyncio
 import contextlib
 import signal
 import warnings
+from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 
 class CountingSink:
-    def __init__(self) -> None:
+    def __init__(self, pipelining: bool = True) -> None:
         self.count = 0
+        self.pipelining = pipelining
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: Any
+    ) -> Any:
+        # Mail servers in production offer PIPELINING (RFC 2920); aiosmtpd handles pipelined
+        # commands, reading them a line at a time, but does not say so.
+        session.host_name = hostname
+        if self.pipelining:
+            return [*responses[:-1], "250-PIPELINING", responses[-1]]
+        return responses
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self.count += 1
         return "250 OK"
 
 
-async def serve(port: int) -> int:
-    sink = CountingSink()
+async def serve(port: int, pipelining: bool) -> int:
+    sink = CountingSink(pipelining)
     loop = asyncio.get_running_loop()
     # A fixed hostname: without one aiosmtpd calls socket.getfqdn() for every connection.
     server = await loop.create_server(
@@ -46,6 +58,9 @@ async def serve(port: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument(
+        "--no-pipelining", action="store_true", help="Do not offer PIPELINING (RFC 2920)."
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     run = asyncio.run
@@ -53,7 +68,7 @@ def main() -> None:
         import uvloop
 
         run = uvloop.run
-    count = run(serve(args.port))
+    count = run(serve(args.port, not args.no_pipelining))
     print(f"received {count}", flush=True)
 
 

@@ -121,10 +121,23 @@ class ReceivedMail:
 
 @dataclass
 class SMTPSink:
-    """An aiosmtpd handler that keeps what it receives; `fail_with` makes it refuse."""
+    """An aiosmtpd handler that keeps what it receives; `fail_with` makes it refuse.
+
+    It offers PIPELINING, as mail servers in production do (aiosmtpd reads commands one line
+    at a time, so it handles them, but does not say so); `pipelining=False` tests the
+    command-by-command path."""
 
     received: list[ReceivedMail] = field(default_factory=list)
     fail_with: str | None = None
+    pipelining: bool = True
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: Any
+    ) -> Any:
+        session.host_name = hostname
+        if self.pipelining:
+            return [*responses[:-1], "250-PIPELINING", responses[-1]]
+        return responses
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if self.fail_with:
@@ -176,6 +189,7 @@ def smtp_session() -> Iterator[SMTPServer]:
 def smtp(smtp_session: SMTPServer) -> SMTPServer:
     smtp_session.sink.received.clear()
     smtp_session.sink.fail_with = None
+    smtp_session.sink.pipelining = True
     return smtp_session
 
 

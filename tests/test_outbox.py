@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -16,16 +18,19 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import aiosmtplib
 import httpx
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from fastapi import FastAPI
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from service.config import Settings
 from service.db import Database
 from service.mail import outbox
+from service.mail.render import OutgoingMail
+from service.mail.transports import DeliveryError, SMTPTransport
 from service.mail.worker import DeliveryWorker, SendPacer
 from service.models import DeliveryAttempt, OutboxMessage, utcnow
 from tests.conftest import (
@@ -56,8 +61,7 @@ class CountingSink(SMTPSink):
         self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: Any
     ) -> Any:
         self.greetings += 1
-        session.host_name = hostname
-        return responses
+        return await super().handle_EHLO(server, session, envelope, hostname, responses)
 
 
 @dataclass
@@ -174,9 +178,11 @@ async def test_smtp_outage_loses_nothing_and_sends_nothing_twice(
         assert {r.status for r in await rows(db)} == {"sent"}
 
 
+@pytest.mark.parametrize("pipelining", [True, False])
 async def test_temporary_refusal_is_retried_and_delivered_once(
-    app: FastAPI, db: Database, smtp: SMTPServer, worker: DeliveryWorker
+    app: FastAPI, db: Database, smtp: SMTPServer, worker: DeliveryWorker, pipelining: bool
 ) -> None:
+    smtp.sink.pipelining = pipelining
     await make_newsletter(db, "weekly")
     await signup_many(app, ["later@example.com"])
 
@@ -194,9 +200,11 @@ async def test_temporary_refusal_is_retried_and_delivered_once(
     assert (row.status, row.attempts, row.last_error) == ("sent", 2, None)
 
 
+@pytest.mark.parametrize("pipelining", [True, False])
 async def test_permanent_refusal_is_dead_and_not_retried(
-    app: FastAPI, db: Database, smtp: SMTPServer, worker: DeliveryWorker
+    app: FastAPI, db: Database, smtp: SMTPServer, worker: DeliveryWorker, pipelining: bool
 ) -> None:
+    smtp.sink.pipelining = pipelining
     await make_newsletter(db, "weekly")
     await signup_many(app, ["nobody@example.com"])
 
@@ -211,6 +219,42 @@ async def test_permanent_refusal_is_dead_and_not_retried(
     assert smtp.sink.received == []
     [row] = await rows(db)
     assert row.status == "dead"
+
+
+@dataclass
+class RefusingSink(SMTPSink):
+    """Refuses RCPT for the addresses in `refuse` with their answer."""
+
+    refuse: dict[str, str] = field(default_factory=dict)
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: Any
+    ) -> str:
+        if address in self.refuse:
+            return self.refuse[address]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_refused_recipient_fails_alone(
+    app: FastAPI, db: Database, settings: Settings, pipelining: bool
+) -> None:
+    await make_newsletter(db, "weekly")
+    emails = ["ok0@example.com", "gone@example.com", "full@example.com", "ok1@example.com"]
+    await signup_many(app, emails)
+    refuse = {"gone@example.com": "550 no such user", "full@example.com": "452 mailbox full"}
+    sink = RefusingSink(pipelining=pipelining, refuse=refuse)
+    with own_smtp(sink) as server:
+        worker = DeliveryWorker(db, settings.model_copy(update={"mail_url": server.url}))
+        assert await worker.run_once() == 4
+    assert recipients(sink) == {"ok0@example.com": 1, "ok1@example.com": 1}
+    by_address = {r.recipient: r for r in await rows(db)}
+    assert by_address["gone@example.com"].status == "dead"
+    assert "550" in str(by_address["gone@example.com"].last_error)
+    assert by_address["full@example.com"].status == "queued"
+    assert "452" in str(by_address["full@example.com"].last_error)
+    assert {by_address[e].status for e in ("ok0@example.com", "ok1@example.com")} == {"sent"}
 
 
 async def test_message_is_dead_after_max_attempts(
@@ -543,3 +587,177 @@ async def test_every_attempt_is_logged(app: FastAPI, db: Database, settings: Set
         ).all()
     assert [(n, result) for n, result, _ in log] == [(1, "retry"), (2, "sent")]
     assert "451" in (log[0][2] or "")
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_smtp_transport_pipelines_when_the_server_offers_it(pipelining: bool) -> None:
+    sink = SMTPSink(pipelining=pipelining)
+    with own_smtp(sink) as server:
+        async with SMTPTransport(server.url, timeout=5.0) as transport:
+            for i in range(3):
+                body = b"Subject: hi\n\n.leading dot\n..two\nlast line without end"
+                await transport.send(OutgoingMail("from@example.org", f"to{i}@example.com", body))
+            assert (transport.pipeline is not None) == pipelining
+    assert recipients(sink) == {f"to{i}@example.com": 1 for i in range(3)}
+    for mail in sink.received:
+        assert mail.message["Subject"] == "hi"
+        content = mail.message.get_content().replace("\r\n", "\n")
+        assert content == ".leading dot\n..two\nlast line without end\n"
+
+
+async def test_record_sent_marks_only_own_rows_and_logs_every_send(
+    app: FastAPI, db: Database
+) -> None:
+    await make_newsletter(db, "weekly")
+    await signup_many(app, ["mine@example.com", "lost@example.com"])
+    async with db.transaction() as session:
+        claimed = await outbox.claim(session, "me", 10, timedelta(minutes=5))
+    mine, lost = claimed
+    async with db.transaction() as session:
+        # Another worker took this one over after our lease ran out.
+        await session.execute(
+            update(OutboxMessage).where(OutboxMessage.id == lost.id).values(lease_owner="other")
+        )
+    async with db.engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await outbox.record_sent(conn, "me", [(mine.id, "<a@x>", 1), (lost.id, "<b@x>", 1)])
+        else:
+            async with conn.begin():
+                await outbox.record_sent(conn, "me", [(mine.id, "<a@x>", 1), (lost.id, "<b@x>", 1)])
+    by_id = {r.id: r for r in await rows(db)}
+    assert (by_id[mine.id].status, by_id[mine.id].message_id) == ("sent", "<a@x>")
+    assert by_id[mine.id].payload is None and by_id[mine.id].sent_at is not None
+    assert (by_id[lost.id].status, by_id[lost.id].message_id) == ("sending", None)
+    assert by_id[lost.id].payload
+    async with db.transaction() as session:
+        log = (
+            await session.execute(
+                select(DeliveryAttempt.outbox_id, DeliveryAttempt.attempt, DeliveryAttempt.result)
+            )
+        ).all()
+    # Both were handed to the mail server: both sends are logged.
+    assert sorted(log) == sorted([(mine.id, 1, "sent"), (lost.id, 1, "sent")])
+
+
+@dataclass
+class SilentSink(SMTPSink):
+    """Takes MAIL and never answers it."""
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: Any
+    ) -> str:
+        await asyncio.sleep(3)
+        return "250 OK"
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_server_that_stops_answering_is_a_transient_failure(pipelining: bool) -> None:
+    with own_smtp(SilentSink(pipelining=pipelining)) as server:
+        async with SMTPTransport(server.url, timeout=0.3) as transport:
+            with pytest.raises(DeliveryError) as failure:
+                await transport.send(OutgoingMail("a@example.org", "b@example.com", b"x\n"))
+    assert not failure.value.permanent
+
+
+async def test_announced_message_is_not_sent_until_its_own_turn() -> None:
+    def mail(n: int) -> OutgoingMail:
+        return OutgoingMail("from@example.org", f"to{n}@example.com", b"Subject: %d\n\nbody\n" % n)
+
+    first, announced, other, last = mail(1), mail(2), mail(3), mail(4)
+    sink = SMTPSink()
+    with own_smtp(sink) as server:
+        async with SMTPTransport(server.url, timeout=5.0) as transport:
+            await transport.send(first, then=(announced, None))
+            assert [m.rcpt_tos for m in sink.received] == [["to1@example.com"]]
+            # Another message than the one announced: the connection starts afresh.
+            await transport.send(other, then=(last, None))
+            await transport.send(last)
+            await transport.send(first, then=(announced, None))
+        # Closed with a message announced: its content never went out.
+    assert [m.rcpt_tos[0] for m in sink.received] == [
+        "to1@example.com",
+        "to3@example.com",
+        "to4@example.com",
+        "to1@example.com",
+    ]
+
+
+def self_signed(directory: Path) -> ssl.SSLContext:
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+async def test_pipelining_works_after_starttls(tmp_path: Path) -> None:
+    """The replies reader takes over the TLS transport aiosmtplib set up after STARTTLS."""
+    sink = SMTPSink()
+    port = free_port()
+    controller = Controller(
+        sink, hostname="127.0.0.1", port=port, tls_context=self_signed(tmp_path)
+    )
+    controller.start()
+    try:
+        transport = SMTPTransport(f"smtp://127.0.0.1:{port}?starttls=require", timeout=5.0)
+        # A self-signed certificate: the one thing the URL cannot say.
+        unverified = aiosmtplib.SMTP
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(aiosmtplib, "SMTP", lambda **kw: unverified(**kw, validate_certs=False))
+            await transport._connect()
+        assert transport.client is not None
+        assert transport.client.get_transport_info("sslcontext") is not None
+        assert transport.pipeline is not None
+        async with transport:
+            first = OutgoingMail("a@example.org", "one@example.com", b"Subject: 1\n\nx\n")
+            second = OutgoingMail("a@example.org", "two@example.com", b"Subject: 2\n\ny\n")
+            await transport.send(first, then=(second, None))
+            await transport.send(second)
+    finally:
+        controller.stop()
+    assert [m.rcpt_tos for m in sink.received] == [["one@example.com"], ["two@example.com"]]
+
+
+class _LoopbackEnd(asyncio.WriteTransport):
+    """The client's end of a connection whose server this test plays by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = False
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def abort(self) -> None:
+        self.closed = True
+
+
+async def test_replies_are_read_in_order_however_they_arrive() -> None:
+    from service.mail.transports import _Replies
+
+    end = _LoopbackEnd()
+    replies = _Replies(end, timeout=1.0)
+    replies.data_received(b"250 OK\r\n250-first line\r\n250-sec")
+    replies.data_received(b"ond line\r\n250 last\r\n35")
+    assert await replies.replies(2) == [(250, "OK"), (250, "first line\nsecond line\nlast")]
+    waiting = asyncio.ensure_future(replies.replies(2))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    replies.data_received(b"4 go ahead\r\nnonsense\r\n")
+    first, second = await waiting
+    assert first == (354, "go ahead")
+    assert second[0] == 0  # not an SMTP reply
+    replies.data_received(b"x" * 70000)
+    assert end.closed  # no line end in 64 KiB: not a mail server

@@ -8,8 +8,23 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import (
+    BigInteger,
+    Integer,
+    String,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    literal,
+    null,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from service.models import DeliveryAttempt, OutboxMessage, OutboxStatus, table, utcnow
 
@@ -111,17 +126,103 @@ MARK_SENT = (
 )
 
 
+async def _connection(session: AsyncSession | AsyncConnection) -> AsyncConnection:
+    return await session.connection() if isinstance(session, AsyncSession) else session
+
+
 async def mark_sent(
-    session: AsyncSession, owner: str, sent: list[tuple[int, str]], now: datetime | None = None
+    session: AsyncSession | AsyncConnection,
+    owner: str,
+    sent: list[tuple[int, str]],
+    now: datetime | None = None,
 ) -> None:
     """Record delivery and scrub the body (it holds a token); metadata stays."""
     if not sent:
         return
     now = now or utcnow()
-    conn = await session.connection()
+    conn = await _connection(session)
     await conn.execute(
         MARK_SENT,
         [{"row_id": i, "owner": owner, "now": now, "header_id": h} for i, h in sent],
+    )
+
+
+_attempts = table(DeliveryAttempt)
+_sent_ids = bindparam("ids", type_=ARRAY(BigInteger))
+# On PostgreSQL, recording a group as sent and logging its attempts is one statement: in
+# autocommit it needs no BEGIN and COMMIT, one round trip where the pair of statements in a
+# transaction takes four. The UPDATE in the WITH runs whatever the INSERT reads, and the log
+# rows come from the input, as with the two statements: a send is logged even when the row's
+# lease was lost meanwhile.
+_header_ids = (
+    func.unnest(_sent_ids, bindparam("header_ids", type_=ARRAY(String)))
+    .table_valued("id", "header_id")
+    .render_derived()
+)
+_marked = (
+    update(_outbox)
+    .where(
+        _outbox.c.id == _header_ids.c.id,
+        _outbox.c.lease_owner == bindparam("owner"),
+    )
+    .values(
+        status=OutboxStatus.sent.value,
+        sent_at=bindparam("now", type_=_outbox.c.sent_at.type),
+        payload=None,
+        leased_until=None,
+        last_error=None,
+        message_id=_header_ids.c.header_id,
+    )
+    .returning(_outbox.c.id)
+    .cte("marked")
+)
+_sent_rows = (
+    func.unnest(_sent_ids, bindparam("attempt_numbers", type_=ARRAY(Integer)))
+    .table_valued("outbox_id", "attempt")
+    .render_derived()
+)
+MARK_SENT_AND_LOG_PG = (
+    insert(_attempts)
+    .from_select(
+        ["outbox_id", "attempt", "result", "error", "worker", "created_at"],
+        select(
+            _sent_rows.c.outbox_id,
+            _sent_rows.c.attempt,
+            literal("sent"),
+            null(),
+            bindparam("owner"),
+            bindparam("now", type_=_outbox.c.sent_at.type),
+        ),
+    )
+    .add_cte(_marked)
+)
+
+
+async def record_sent(
+    conn: AsyncConnection,
+    owner: str,
+    sent: Sequence[tuple[int, str, int]],
+    now: datetime | None = None,
+) -> None:
+    """Mark (outbox id, header id, attempt) sent and log the attempts: mark_sent and
+    log_attempts, in one statement on PostgreSQL (the caller may run it in autocommit)."""
+    if not sent:
+        return
+    now = now or utcnow()
+    if conn.dialect.name != "postgresql":
+        await mark_sent(conn, owner, [(i, h) for i, h, _ in sent], now)
+        await log_attempts(conn, owner, [(i, n, "sent", None) for i, _, n in sent], now)
+        return
+    await conn.execute(
+        MARK_SENT_AND_LOG_PG,
+        {
+            "ids": [i for i, _, _ in sent],
+            "header_ids": [h for _, h, _ in sent],
+            # Not "attempts": a parameter named as a column would join the UPDATE's SET.
+            "attempt_numbers": [n for _, _, n in sent],
+            "owner": owner,
+            "now": now,
+        },
     )
 
 
@@ -231,7 +332,7 @@ async def retry_dead(
 
 
 async def log_attempts(
-    session: AsyncSession,
+    session: AsyncSession | AsyncConnection,
     worker: str,
     attempts: Sequence[tuple[int, int, str, str | None]],
     now: datetime | None = None,
@@ -240,7 +341,7 @@ async def log_attempts(
     if not attempts:
         return
     now = now or utcnow()
-    await (await session.connection()).execute(
+    await (await _connection(session)).execute(
         insert(table(DeliveryAttempt)),
         [
             {
