@@ -63,10 +63,8 @@ class SignupBatcher:
             async with self.db.transaction() as session:
                 return await subscribe(session, self.settings, data, consent)
         if not self.tasks:
-            self.tasks = [
-                asyncio.create_task(self._consume())
-                for _ in range(max(1, self.settings.signup_batch_consumers))
-            ]
+            consumers = self.settings.signup_batch_consumers or (1 if self.db.is_sqlite else 2)
+            self.tasks = [asyncio.create_task(self._consume()) for _ in range(consumers)]
         item = _Pending(data, consent)
         self.queue.put_nowait(item)
         if self.queue.qsize() + self.held >= self.last_batch:
