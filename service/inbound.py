@@ -2,7 +2,8 @@
 
 Two kinds of recipient are taken, both signed, and everything else is refused at RCPT time:
 
-- `<local>+unsubscribe-<manage token>@<domain>`, the `mailto:` of List-Unsubscribe: any mail
+- `<local>+u-<subscriber id>-<signature>@<domain>`, the `mailto:` of List-Unsubscribe (and
+  `<local>+unsubscribe-<manage token>@<domain>`, its longer form in earlier mail): any mail
   to it unsubscribes its reader from every newsletter;
 - `<local>+bounce-<outbox id>-<signature>@<domain>`, the VERP envelope sender of one message:
   a delivery status notification (RFC 3464) or abuse report (RFC 5965) sent back to it is
@@ -54,7 +55,12 @@ def recipient_for(settings: Settings, address: str) -> Recipient | None:
     if tag is None:
         return None
     kind, rest = tag
-    if kind == "unsubscribe":
+    if kind == "u":
+        public_id = tokens.verify_unsubscribe_tag(settings.secret_keys, rest)
+        if public_id is None:
+            return None
+        return Recipient("unsubscribe", token=tokens.manage_token(settings.secret_keys, public_id))
+    if kind == "unsubscribe":  # the longer form, in mail sent before the short one
         if tokens.verify_manage_token(settings.secret_keys, rest) is None:
             return None
         return Recipient("unsubscribe", token=rest)

@@ -60,12 +60,48 @@ def verp_address(keys: Sequence[str], mail_from: str, outbox_id: int) -> str:
     return f"{local or 'newsletter'}+bounce-{outbox_id}-{signature}@{domain}"
 
 
+def _unsubscribe_signature(key: str, public_id: str) -> str:
+    return hmac.new(key.encode(), f"unsubscribe:{public_id}".encode(), hashlib.sha256).hexdigest()[
+        :16
+    ]
+
+
+def unsubscribe_tag(keys: Sequence[str], public_id: str) -> str:
+    """The tag of the List-Unsubscribe mailto, `u-<id in base32>-<signature>`: 46 characters
+    with the `+`, so the local part stays within RFC 5321's 64 for a MAIL_FROM local part of
+    up to 18, and lower case, as some mail systems fold the case of local parts. 64 bits of
+    signature: the address only lets its holder unsubscribe the one reader it names."""
+    try:
+        compact = base64.b32encode(bytes.fromhex(public_id)).decode().rstrip("=").lower()
+    except ValueError:
+        compact = ""
+    if len(compact) != 26:  # not a 32-digit hex id (every id the service makes is one)
+        return f"unsubscribe-{manage_token(keys, public_id)}"
+    return f"u-{compact}-{_unsubscribe_signature(keys[0], public_id)}"
+
+
+def verify_unsubscribe_tag(keys: Sequence[str], rest: str) -> str | None:
+    """The public id of an unsubscribe tag's rest (`<base32 id>-<signature>`), if signed."""
+    compact, _, signature = rest.lower().partition("-")
+    if not rest.isascii() or len(compact) != 26 or len(signature) != 16:
+        return None
+    try:
+        public_id = base64.b32decode(compact.upper() + "======").hex()
+    except ValueError:  # binascii.Error is a ValueError
+        return None
+    for key in keys:
+        if hmac.compare_digest(_unsubscribe_signature(key, public_id), signature):
+            return public_id
+    return None
+
+
 def address_tag(address: str) -> tuple[str, str] | None:
-    """Split `<local>+<kind>-<rest>@domain` into (kind, rest) for kind unsubscribe or bounce."""
+    """Split `<local>+<kind>-<rest>@domain` into (kind, rest) for kind u (unsubscribe),
+    unsubscribe (the longer form of earlier mail) or bounce."""
     local = address.rpartition("@")[0]
     tag = local.rpartition("+")[2] if "+" in local else ""
     kind, dash, rest = tag.partition("-")
-    if not dash or kind.lower() not in ("unsubscribe", "bounce") or not rest:
+    if not dash or kind.lower() not in ("u", "unsubscribe", "bounce") or not rest:
         return None
     return kind.lower(), rest
 

@@ -47,9 +47,9 @@ class Links:
         return self.url(f"/unsubscribe/{token}{suffix}")
 
     def unsubscribe_mailto(self, public_id: str) -> str:
-        token = tokens.manage_token(self.settings.secret_keys, public_id)
+        tag = tokens.unsubscribe_tag(self.settings.secret_keys, public_id)
         local, _, domain = self.settings.mail_from.rpartition("@")
-        return f"mailto:{local or 'newsletter'}+unsubscribe-{token}@{domain}?subject=unsubscribe"
+        return f"mailto:{local or 'newsletter'}+{tag}@{domain}?subject=unsubscribe"
 
 
 _UTF8_QP = Charset("utf-8")
