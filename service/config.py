@@ -115,12 +115,7 @@ class Settings(BaseSettings):
         default=64, description="Most sign-ups committed in one transaction."
     )
     signup_batch_consumers: int = Field(
-        default=0,
-        ge=0,
-        description=(
-            "Sign-up transactions a process runs at once; 0 = 1 on SQLite (one writer), 2 on "
-            "PostgreSQL (one batch is written while the other waits for its commit)."
-        ),
+        default=1, description="Sign-up transactions a process runs at once."
     )
     signup_batch_wait_ms: float = Field(
         default=3.0,

@@ -63,8 +63,10 @@ class SignupBatcher:
             async with self.db.transaction() as session:
                 return await subscribe(session, self.settings, data, consent)
         if not self.tasks:
-            consumers = self.settings.signup_batch_consumers or (1 if self.db.is_sqlite else 2)
-            self.tasks = [asyncio.create_task(self._consume()) for _ in range(consumers)]
+            self.tasks = [
+                asyncio.create_task(self._consume())
+                for _ in range(max(1, self.settings.signup_batch_consumers))
+            ]
         item = _Pending(data, consent)
         self.queue.put_nowait(item)
         if self.queue.qsize() + self.held >= self.last_batch:

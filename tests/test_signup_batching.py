@@ -97,8 +97,7 @@ async def test_under_load_a_batch_waits_to_be_as_full_as_the_last(
             sizes.append(len(batch))
             await super()._process(batch)
 
-    one_consumer = {"signup_batch_wait_ms": 2000, "signup_batch_consumers": 1}
-    batcher = Observed(db, settings.model_copy(update=one_consumer))
+    batcher = Observed(db, settings.model_copy(update={"signup_batch_wait_ms": 2000}))
 
     def signup(i: int) -> Any:
         data = parse_signup({"email": f"r{i}@example.com", "newsletters": ["weekly"]}, settings)
@@ -120,17 +119,3 @@ async def test_under_load_a_batch_waits_to_be_as_full_as_the_last(
     assert [r.status for r in [*burst, *later, alone]] == ["pending"] * 17
     async with db.transaction() as session:
         assert await session.scalar(select(func.count()).select_from(Subscriber)) == 17
-
-
-async def test_postgresql_writes_one_batch_while_another_commits(
-    db: Database, settings: Settings
-) -> None:
-    await make_newsletter(db, "weekly")
-    batcher = SignupBatcher(db, settings)
-    try:
-        data = parse_signup({"email": "c@example.com", "newsletters": ["weekly"]}, settings)
-        assert (await batcher.submit(data, Consent("api"))).status == "pending"
-        # SQLite has one writer: a second transaction would only queue for its lock.
-        assert len(batcher.tasks) == (1 if db.is_sqlite else 2)
-    finally:
-        await batcher.stop()
