@@ -182,8 +182,7 @@ class MailRenderer:
             mail = self._fill_in(skeleton, recipient, values)
             if mail is not None:
                 return mail
-        values = self._values(template, recipient, newsletters, payload, message_id)
-        return self._render(template, newsletters, values)
+        return self.render_full(template, recipient, newsletters, payload, message_id)
 
     def render_full(
         self,
