@@ -22,6 +22,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.models import Base
 
+SQLITE_MAX_PARAMETERS = 32_766
+
 
 @dataclass(frozen=True)
 class _Plan:
@@ -100,6 +102,19 @@ async def insert_rows(
         plan = _plan(dialect, table.name, names, on_conflict_do_nothing, returning, 0)
         result = await conn.exec_driver_sql(plan.sql, tuple(_columns(plan, names, rows)))
     elif returning:
+        # SQLite takes at most 32,766 parameters in one statement.
+        per_statement = max(1, SQLITE_MAX_PARAMETERS // len(names))
+        if len(rows) > per_statement:
+            found: list[tuple[Any, ...]] = []
+            for start in range(0, len(rows), per_statement):
+                found += await insert_rows(
+                    conn,
+                    table,
+                    rows[start : start + per_statement],
+                    on_conflict_do_nothing=on_conflict_do_nothing,
+                    returning=returning,
+                )
+            return found
         plan = _plan(dialect, table.name, names, on_conflict_do_nothing, returning, len(rows))
         flat = [value for row in zip(*_columns(plan, names, rows), strict=True) for value in row]
         result = await conn.exec_driver_sql(plan.sql, tuple(flat))

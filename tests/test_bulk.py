@@ -95,3 +95,20 @@ async def test_a_column_with_a_python_default_must_be_given(db: Database) -> Non
             await bulk.insert_rows(
                 await session.connection(), table(OutboxMessage), [{"kind": "email"}]
             )
+
+
+async def test_more_rows_than_one_sqlite_statement_takes_are_all_written(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bulk, "SQLITE_MAX_PARAMETERS", 20)  # two rows of 8 columns a statement
+    when = datetime.now(UTC)
+    rows = [_subscriber(i, when) for i in range(5)]
+    async with db.transaction() as session:
+        created = await bulk.insert_rows(
+            await session.connection(),
+            table(Subscriber),
+            rows,
+            on_conflict_do_nothing="email_key",
+            returning=("email_key",),
+        )
+    assert sorted(created) == sorted((r["email_key"],) for r in rows)
