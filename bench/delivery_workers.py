@@ -7,7 +7,7 @@ For each worker count W (PostgreSQL): a fresh migrated database with the double 
 newsletter `bench`; --count sign-ups queued through service.signup.subscribe_many (as
 bench/delivery.py does), each one confirmation mail; bench/smtp_sink.py in its own process;
 then W processes, each one DeliveryWorker on a plain asyncio loop as `newsletter worker`
-runs it, with the service's settings (NEWSLETTER_WORKER_SMTP_CONNECTIONS: 4 SMTP connections
+runs it, with the service's settings (NEWSLETTER_WORKER_SMTP_CONNECTIONS: 8 SMTP connections
 per worker by default, batch size 100). Each process connects, says it is ready and waits;
 all are started at once and call run_once() until nothing is due; the clock runs from the
 start signal until the last one is done. The sink must have received every message and the
@@ -501,7 +501,7 @@ def main() -> int:
     print(
         f"PostgreSQL; {args.count} confirmation mails a run; worker processes {args.workers}, "
         f"each a DeliveryWorker on a plain asyncio loop (batch size {args.batch_size}, SMTP "
-        "connections per worker from NEWSLETTER_WORKER_SMTP_CONNECTIONS, default 4); "
+        "connections per worker from NEWSLETTER_WORKER_SMTP_CONNECTIONS, default 8); "
         "bench/smtp_sink.py in its own process. All share the cores."
     )
     started = time.monotonic()

@@ -80,7 +80,11 @@ class Settings(BaseSettings):
         default=100, description="Outbox rows one worker claims at once."
     )
     worker_smtp_connections: int = Field(
-        default=4, description="SMTP connections one worker sends over at once."
+        default=8,
+        description=(
+            "SMTP connections one worker sends over at once (lower it for a relay that "
+            "allows fewer)."
+        ),
     )
     worker_poll_interval: float = Field(
         default=1.0, description="Seconds an idle worker waits before looking again."
