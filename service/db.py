@@ -79,7 +79,7 @@ def create_engine(settings: Settings) -> AsyncEngine:
 
 # A connection that sat idle in the pool may have been closed by the server (a restart, an
 # idle timeout): ping it before use. A busy connection is not pinged: the ping is a round trip
-# per transaction, and under sign-up load it was a sixth of the process's samples. A busy
+# per transaction, and under sign-up load it was about 6% of the process's samples. A busy
 # connection that dies mid-use fails its statement, SQLAlchemy then invalidates the pool, and
 # the caller's retry (the sign-up batcher's) or a 503 covers that one request.
 IDLE_PING_AFTER = 5.0
