@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from typing import Annotated
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Annotated, Any, TypeVar
 
 import typer
 import uvicorn
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from service import keys, migrate, newsletters, purge
 from service.config import Settings, load_settings
@@ -18,6 +20,8 @@ from service.errors import DomainError
 from service.mail import outbox
 from service.mail.worker import DeliveryWorker
 from service.observability import configure_logging
+
+T = TypeVar("T")
 
 app = typer.Typer(help="Newsletter subscription service.", no_args_is_help=True)
 newsletters_app = typer.Typer(help="Create and list newsletters.", no_args_is_help=True)
@@ -39,12 +43,22 @@ def _settings() -> Settings:
         raise typer.Exit(2) from exc
 
 
-def _run(coro_factory: object) -> None:
+def _run(work: Coroutine[Any, Any, T]) -> T:
     try:
-        asyncio.run(coro_factory)  # type: ignore[arg-type]
+        return asyncio.run(work)
     except DomainError as exc:
         typer.echo(f"error: {exc.detail or exc.title}", err=True)
         raise typer.Exit(1) from exc
+
+
+async def _in_transaction(settings: Settings, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    """One use case in one transaction, for a command that needs nothing more."""
+    db = Database(settings)
+    try:
+        async with db.transaction() as session:
+            return await work(session)
+    finally:
+        await db.dispose()
 
 
 @app.command()
@@ -183,25 +197,22 @@ def newsletters_create(
     """Create a newsletter."""
     settings = _settings()
 
-    async def main() -> None:
-        db = Database(settings)
-        try:
-            async with db.transaction() as session:
-                created = await newsletters.create_newsletter(
-                    session,
-                    slug,
-                    name,
-                    opt_in=opt_in,
-                    description=description,
-                    from_email=from_email,
-                    from_name=from_name,
-                    language=language,
-                )
-            typer.echo(f"Created newsletter {created.slug} ({created.opt_in} opt-in)")
-        finally:
-            await db.dispose()
-
-    _run(main())
+    created = _run(
+        _in_transaction(
+            settings,
+            lambda s: newsletters.create_newsletter(
+                s,
+                slug,
+                name,
+                opt_in=opt_in,
+                description=description,
+                from_email=from_email,
+                from_name=from_name,
+                language=language,
+            ),
+        )
+    )
+    typer.echo(f"Created newsletter {created.slug} ({created.opt_in} opt-in)")
 
 
 @newsletters_app.command("list")
@@ -209,23 +220,17 @@ def newsletters_list() -> None:
     """List newsletters with their subscription counts."""
     settings = _settings()
 
-    async def main() -> None:
-        db = Database(settings)
-        try:
-            async with db.transaction() as session:
-                found = await newsletters.list_with_counts(session, limit=100_000)
-        finally:
-            await db.dispose()
-        typer.echo(f"{'slug':<24} {'opt-in':<7} {'active':>8} {'pending':>8}  name")
-        for item in found:
-            n = item.newsletter
-            archived = " (archived)" if n.archived_at else ""
-            typer.echo(
-                f"{n.slug:<24} {n.opt_in:<7} {item.counts.get('active', 0):>8} "
-                f"{item.counts.get('pending', 0):>8}  {n.name}{archived}"
-            )
-
-    _run(main())
+    found = _run(
+        _in_transaction(settings, lambda s: newsletters.list_with_counts(s, limit=100_000))
+    )
+    typer.echo(f"{'slug':<24} {'opt-in':<7} {'active':>8} {'pending':>8}  name")
+    for item in found:
+        n = item.newsletter
+        archived = " (archived)" if n.archived_at else ""
+        typer.echo(
+            f"{n.slug:<24} {n.opt_in:<7} {item.counts.get('active', 0):>8} "
+            f"{item.counts.get('pending', 0):>8}  {n.name}{archived}"
+        )
 
 
 @keys_app.command("create")
@@ -236,17 +241,9 @@ def keys_create(
     """Create an API key; it is printed once, alone on the last line."""
     settings = _settings()
 
-    async def main() -> None:
-        db = Database(settings)
-        try:
-            async with db.transaction() as session:
-                created = await keys.create_key(session, name, scope)
-        finally:
-            await db.dispose()
-        typer.echo(f"Created {scope} key {name!r}; it is shown only now:")
-        typer.echo(created.key)
-
-    _run(main())
+    created = _run(_in_transaction(settings, lambda s: keys.create_key(s, name, scope)))
+    typer.echo(f"Created {scope} key {name!r}; it is shown only now:")
+    typer.echo(created.key)
 
 
 @keys_app.command("list")
@@ -254,21 +251,10 @@ def keys_list() -> None:
     """List keys (never the keys themselves)."""
     settings = _settings()
 
-    async def main() -> None:
-        db = Database(settings)
-        try:
-            async with db.transaction() as session:
-                found = await keys.list_keys(session)
-        finally:
-            await db.dispose()
-        for key in found:
-            state = "revoked" if key.revoked_at else "live"
-            used = key.last_used_at.isoformat() if key.last_used_at else "never"
-            typer.echo(
-                f"{key.id:>4} {key.prefix}… {key.scope:<6} {state:<8} used {used}  {key.name}"
-            )
-
-    _run(main())
+    for key in _run(_in_transaction(settings, keys.list_keys)):
+        state = "revoked" if key.revoked_at else "live"
+        used = key.last_used_at.isoformat() if key.last_used_at else "never"
+        typer.echo(f"{key.id:>4} {key.prefix}… {key.scope:<6} {state:<8} used {used}  {key.name}")
 
 
 @outbox_app.command("status")
@@ -276,17 +262,8 @@ def outbox_status() -> None:
     """Count outbox rows by state."""
     settings = _settings()
 
-    async def main() -> None:
-        db = Database(settings)
-        try:
-            async with db.transaction() as session:
-                counts = await outbox.status_counts(session)
-        finally:
-            await db.dispose()
-        for status, count in counts.items():
-            typer.echo(f"{status:<8} {count}")
-
-    _run(main())
+    for status, count in _run(_in_transaction(settings, outbox.status_counts)).items():
+        typer.echo(f"{status:<8} {count}")
 
 
 @outbox_app.command("retry")
@@ -298,16 +275,8 @@ def outbox_retry(
     """Queue dead messages again with a fresh set of attempts."""
     settings = _settings()
 
-    async def run() -> None:
-        db = Database(settings)
-        try:
-            async with db.transaction() as session:
-                count = await outbox.retry_dead(session, ids or None)
-        finally:
-            await db.dispose()
-        typer.echo(f"{count} messages queued again")
-
-    _run(run())
+    count = _run(_in_transaction(settings, lambda s: outbox.retry_dead(s, ids or None)))
+    typer.echo(f"{count} messages queued again")
 
 
 @keys_app.command("revoke")
@@ -315,16 +284,8 @@ def keys_revoke(key_id: Annotated[int, typer.Argument(help="The id `keys list` s
     """Revoke a key: it stops working at once."""
     settings = _settings()
 
-    async def run() -> None:
-        db = Database(settings)
-        try:
-            async with db.transaction() as session:
-                await keys.revoke_key(session, key_id)
-        finally:
-            await db.dispose()
-        typer.echo(f"Key {key_id} revoked")
-
-    _run(run())
+    _run(_in_transaction(settings, lambda s: keys.revoke_key(s, key_id)))
+    typer.echo(f"Key {key_id} revoked")
 
 
 @app.command("purge-pending")
@@ -334,22 +295,15 @@ def purge_pending_command(
     """Delete sign-ups never confirmed, and the people who have nothing else."""
     settings = _settings()
 
-    async def run() -> None:
-        age = purge.parse_age(older_than)
-        db = Database(settings)
-        try:
-            async with db.transaction() as session:
-                result = await purge.purge_pending(session, age)
-        finally:
-            await db.dispose()
-        if result is None:
-            typer.echo("another purge is running; nothing done")
-            return
-        typer.echo(
-            f"purged {result.subscriptions} pending subscriptions, {result.subscribers} subscribers"
-        )
-
-    _run(run())
+    result = _run(
+        _in_transaction(settings, lambda s: purge.purge_pending(s, purge.parse_age(older_than)))
+    )
+    if result is None:
+        typer.echo("another purge is running; nothing done")
+        return
+    typer.echo(
+        f"purged {result.subscriptions} pending subscriptions, {result.subscribers} subscribers"
+    )
 
 
 def main() -> None:
