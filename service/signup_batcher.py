@@ -20,7 +20,6 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from service.config import Settings
 from service.db import Database
 from service.errors import InvalidInput
-from service.observability import SIGNUPS
 from service.signup import Consent, SignupResult, subscribe, subscribe_many
 from service.signup_input import SignupInput
 
@@ -50,15 +49,6 @@ class SignupBatcher:
 
     async def submit(self, data: SignupInput, consent: Consent) -> SignupResult:
         """Queue one sign-up and wait until its transaction has committed."""
-        try:
-            result = await self._submit(data, consent)
-        except InvalidInput:
-            SIGNUPS.labels("invalid").inc()
-            raise
-        SIGNUPS.labels("bot" if data.honeypot else "accepted").inc()
-        return result
-
-    async def _submit(self, data: SignupInput, consent: Consent) -> SignupResult:
         if not self.settings.signup_batching:
             async with self.db.transaction() as session:
                 return await subscribe(session, self.settings, data, consent)

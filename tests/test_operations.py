@@ -30,6 +30,8 @@ async def test_metrics_show_latency_by_route_and_outbox_depth(
             "/v1/subscriptions", json={"email": f"m{i}@example.com", "newsletters": ["weekly"]}
         )
         assert answer.status_code == 202
+    bad = await client.post("/v1/subscriptions", json={"email": "no", "newsletters": ["weekly"]})
+    assert bad.status_code == 422
     await client.get("/confirm/not-a-real-token")
 
     scraped = await client.get("/metrics")
@@ -55,6 +57,7 @@ async def test_metrics_show_latency_by_route_and_outbox_depth(
         if s.name == "newsletter_signups_total"
     }
     assert signups["accepted"] >= 3
+    assert signups["invalid"] >= 1  # a malformed address is counted, not only a bad newsletter
 
 
 async def test_request_id_is_echoed_or_made(client: httpx.AsyncClient) -> None:

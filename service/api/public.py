@@ -27,6 +27,7 @@ from service.botcheck import ChallengeUnavailable, ChallengeVerifier
 from service.config import Settings
 from service.db import Database
 from service.errors import FieldError, InvalidInput, problem
+from service.observability import SIGNUPS
 from service.origins import safe_redirect
 from service.ratelimit import RATE_LIMITED, SignupLimiter
 from service.signup import SignupResult
@@ -34,6 +35,12 @@ from service.signup_batcher import SignupBatcher
 from service.signup_input import parse_signup
 
 router = APIRouter(tags=["public"])
+
+# Every answer of the sign-up endpoint, counted (children bound once: this is the hot path).
+SIGNUP_OUTCOMES = {
+    outcome: SIGNUPS.labels(outcome)
+    for outcome in ("accepted", "bot", "invalid", "rate_limited", "unavailable")
+}
 
 SIGNUP_ABUSE_RESPONSES: dict[int | str, dict[str, Any]] = {
     **SIGNUP_RESPONSES,
@@ -109,6 +116,7 @@ async def create_subscription(request: Request) -> Response:
     ip = client_ip(request)
     retry_after = await limiter.retry_after(ip)
     if retry_after is not None:
+        SIGNUP_OUTCOMES["rate_limited"].inc()
         return _rate_limited(request, html, retry_after)
     quality: AddressQuality = state.address_quality
     challenge: ChallengeVerifier = state.challenge
@@ -129,10 +137,12 @@ async def create_subscription(request: Request) -> Response:
         consent = consent_from(request, "form" if html else "api", ip=ip)
         result = await signups.submit(data, consent)
     except InvalidInput as exc:
+        SIGNUP_OUTCOMES["invalid"].inc()
         if html:
             return await pages.signup_form_again(request, db, fields, exc)
         raise
     except ChallengeUnavailable as exc:
+        SIGNUP_OUTCOMES["unavailable"].inc()
         if html:
             page = await pages.signup_form_again(
                 request, db, fields, InvalidInput([_challenge_down(exc)])
@@ -140,6 +150,7 @@ async def create_subscription(request: Request) -> Response:
             page.status_code = exc.status
             return page
         raise
+    SIGNUP_OUTCOMES["bot" if data.honeypot else "accepted"].inc()
     if result.mail_queued:
         wake_worker(request)
     if html:
