@@ -7,6 +7,7 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -72,21 +73,44 @@ async def test_database(
         await asyncio.to_thread(migrate.upgrade, url)
         yield TestDatabase("sqlite", url)
         return
+    async with fresh_pg_database("newsletter_test") as url:
+        await asyncio.to_thread(migrate.upgrade, url)
+        yield TestDatabase("postgresql", url)
+
+
+@asynccontextmanager
+async def fresh_pg_database(prefix: str) -> AsyncIterator[str]:
+    """A new, empty PostgreSQL database, dropped afterwards; skipped (failed in CI) when the
+    server cannot be reached."""
     problem = await _pg_reachable()
     if problem:
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(problem)
         pytest.skip(problem)
-    name = f"newsletter_test_{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(PG_ADMIN_URL)
     await admin.execute(f'CREATE DATABASE "{name}"')
-    url = f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}"
     try:
-        await asyncio.to_thread(migrate.upgrade, url)
-        yield TestDatabase("postgresql", url)
+        yield f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}"
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+def child_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a `newsletter` process on the test's database and settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
+    env.update(
+        NEWSLETTER_DATA_DIR=str(settings.data_dir),
+        NEWSLETTER_DATABASE_URL=settings.database_url,
+        NEWSLETTER_SECRET_KEYS=",".join(settings.secret_keys),
+        NEWSLETTER_BASE_URL=settings.base_url,
+        NEWSLETTER_MAIL_URL=settings.mail_url,
+        NEWSLETTER_MAIL_FROM=settings.mail_from,
+        NEWSLETTER_LOG_LEVEL="warning",
+    )
+    env.update(extra)
+    return env
 
 
 async def truncate_all(db: Database) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
-import os
 import random
 import subprocess
 import sys
@@ -37,7 +36,7 @@ from service.models import (
     utcnow,
 )
 from service.subscribers import add_subscriber
-from tests.conftest import SMTPServer, deliver, make_newsletter, truncate_all
+from tests.conftest import SMTPServer, child_env, deliver, make_newsletter, truncate_all
 
 NEWSLETTER_CMD = str(Path(sys.executable).with_name("newsletter"))
 HEADER = (
@@ -637,23 +636,11 @@ async def test_rows_repeated_across_chunks_are_duplicates_and_a_rerun_changes_no
 # ---------------------------------------------------------------- the command
 
 
-def command_env(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
-    env.update(
-        NEWSLETTER_DATA_DIR=str(settings.data_dir),
-        NEWSLETTER_DATABASE_URL=settings.database_url,
-        NEWSLETTER_SECRET_KEYS=",".join(settings.secret_keys),
-        NEWSLETTER_BASE_URL=settings.base_url,
-        NEWSLETTER_MAIL_URL=settings.mail_url,
-    )
-    return env
-
-
 async def newsletter_cmd(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     return await asyncio.to_thread(
         subprocess.run,
         [NEWSLETTER_CMD, *args],
-        env=command_env(settings),
+        env=child_env(settings),
         cwd=settings.data_dir,
         capture_output=True,
         text=True,

@@ -33,7 +33,7 @@ from service.config import Settings
 from service.db import Database
 from service.mail.worker import DeliveryWorker
 from service.models import Confirmation, OutboxMessage, Subscriber, Subscription
-from tests.conftest import TestDatabase, deliver, free_port, make_newsletter
+from tests.conftest import TestDatabase, child_env, deliver, free_port, make_newsletter
 from tests.test_outbox import own_smtp, recipients
 
 NEWSLETTER = str(Path(sys.executable).with_name("newsletter"))
@@ -48,20 +48,12 @@ LOAD_CLIENTS = 4
 
 def server_env(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment of a `newsletter serve` process on the test's database."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
-    env.update(
-        NEWSLETTER_DATA_DIR=str(settings.data_dir),
-        NEWSLETTER_DATABASE_URL=settings.database_url,
-        NEWSLETTER_SECRET_KEYS=",".join(settings.secret_keys),
-        NEWSLETTER_BASE_URL=settings.base_url,
-        NEWSLETTER_MAIL_URL=settings.mail_url,
-        NEWSLETTER_MAIL_FROM=settings.mail_from,
-        NEWSLETTER_LOG_LEVEL="warning",
+    return child_env(
+        settings,
         NEWSLETTER_SIGNUP_RATE_LIMIT="",  # the clients of these tests share one address
         NEWSLETTER_REJECT_DISPOSABLE="false",
         **extra,
     )
-    return env
 
 
 @contextlib.asynccontextmanager

@@ -4,13 +4,10 @@ and every one of them must downgrade."""
 from __future__ import annotations
 
 import asyncio
-import os
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -22,7 +19,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from service import migrate
 from service.db import async_url
 from service.models import Base
-from tests.conftest import BACKENDS, PG_ADMIN_URL, PG_HOST, PG_PORT, PG_USER, _pg_reachable
+from tests.conftest import BACKENDS, fresh_pg_database
 
 
 @pytest.fixture(params=BACKENDS)
@@ -31,19 +28,8 @@ async def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> Asyn
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'migrations.db'}"
         return
-    problem = await _pg_reachable()
-    if problem:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(problem)
-        pytest.skip(problem)
-    name = f"newsletter_migrations_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(PG_ADMIN_URL)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}"
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+    async with fresh_pg_database("newsletter_migrations") as url:
+        yield url
 
 
 def _differences(connection: Connection) -> list[Any]:

@@ -27,7 +27,7 @@ from service.db import Database
 from service.models import OutboxMessage
 from service.signup import Consent, subscribe_many
 from service.signup_input import parse_signup
-from tests.conftest import TestDatabase, free_port, make_newsletter
+from tests.conftest import TestDatabase, child_env, free_port, make_newsletter
 
 NEWSLETTER = str(Path(sys.executable).with_name("newsletter"))
 MESSAGES = 20_000
@@ -42,20 +42,6 @@ class RecipientCounter:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self.seen.update(envelope.rcpt_tos)
         return "250 OK"
-
-
-def service_env(settings: Settings, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
-    env.update(
-        NEWSLETTER_DATA_DIR=str(settings.data_dir),
-        NEWSLETTER_DATABASE_URL=settings.database_url,
-        NEWSLETTER_SECRET_KEYS=",".join(settings.secret_keys),
-        NEWSLETTER_BASE_URL=settings.base_url,
-        NEWSLETTER_MAIL_FROM=settings.mail_from,
-        NEWSLETTER_LOG_LEVEL="warning",
-        **extra,
-    )
-    return env
 
 
 @contextmanager
@@ -97,7 +83,7 @@ async def test_three_worker_processes_deliver_twenty_thousand_each_exactly_once(
     port = free_port()
     controller = Controller(sink, hostname="127.0.0.1", port=port)
     controller.start()
-    env = service_env(
+    env = child_env(
         settings,
         NEWSLETTER_MAIL_URL=f"smtp://127.0.0.1:{port}",
         NEWSLETTER_WORKER_POLL_INTERVAL="0.2",
@@ -142,7 +128,7 @@ async def test_two_api_processes_share_one_rate_limit_through_redis(
         pytest.skip(f"Redis at 127.0.0.1:6379 unreachable: {exc}")
     await make_newsletter(db, "weekly")
     ports = [free_port(), free_port()]
-    env = service_env(
+    env = child_env(
         settings,
         NEWSLETTER_REDIS_URL="redis://127.0.0.1:6379/0",
         NEWSLETTER_RATE_LIMIT_KEY_PREFIX=f"test-{uuid.uuid4().hex}",
