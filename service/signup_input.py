@@ -62,6 +62,19 @@ def _clean_free_text(value: str) -> str:
     return "".join(ch for ch in value if ch.isprintable()).strip()
 
 
+NOT_SLUGS = FieldError("newsletters", "invalid", "Newsletters must be a list of slugs.")
+
+
+def slug_list(value: Any) -> list[str] | None:
+    """A `newsletters` field as a list of strings (one bare string allowed), None if it is
+    anything else."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return value
+    return None
+
+
 def parse_profile(
     data: dict[str, Any], settings: Settings
 ) -> tuple[str | None, str | None, dict[str, Any]]:
@@ -150,14 +163,12 @@ def parse_signup(data: dict[str, Any], settings: Settings) -> SignupInput:
         else:
             address = checked
 
-    raw_slugs = data.get("newsletters")
-    if isinstance(raw_slugs, str):
-        raw_slugs = [raw_slugs]
+    raw_slugs = slug_list(data.get("newsletters"))
     slugs: list[str] = []
-    if not raw_slugs:
+    if not data.get("newsletters"):
         errors.append(FieldError("newsletters", "required", REQUIRED))
-    elif not isinstance(raw_slugs, list) or not all(isinstance(s, str) for s in raw_slugs):
-        errors.append(FieldError("newsletters", "invalid", "Newsletters must be a list of slugs."))
+    elif raw_slugs is None:
+        errors.append(NOT_SLUGS)
     elif len(raw_slugs) > settings.max_newsletters_per_signup:
         errors.append(
             FieldError(

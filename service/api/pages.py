@@ -22,7 +22,6 @@ from service.config import PROJECT_ROOT, Settings
 from service.db import Database
 from service.errors import (
     ConfirmationExpired,
-    FieldError,
     InvalidInput,
     NotFound,
     TokenNotFound,
@@ -30,6 +29,7 @@ from service.errors import (
 from service.mail.render import Links
 from service.models import Newsletter, Subscriber
 from service.origins import normalise, origin_of, safe_redirect
+from service.signup_input import NOT_SLUGS, slug_list
 
 router = APIRouter(include_in_schema=False)
 STATIC_DIR = PROJECT_ROOT / "static"
@@ -321,14 +321,9 @@ async def manage_page(token: str, request: Request, db: DbDep, settings: Setting
 @router.post("/manage/{token}")
 async def manage_post(token: str, request: Request, db: DbDep, settings: SettingsDep) -> Response:
     fields = await read_fields(request, settings.max_body_bytes)
-    chosen = fields.get("newsletters", [])
-    if isinstance(chosen, str):  # a JSON body may send one slug as a bare string
-        chosen = [chosen]
-    if not isinstance(chosen, list) or not all(isinstance(c, str) for c in chosen):
-        # Malformed input must never read as "untick everything".
-        raise InvalidInput(
-            [FieldError("newsletters", "invalid", "Newsletters must be a list of slugs.")]
-        )
+    chosen = slug_list(fields.get("newsletters", []))
+    if chosen is None:  # malformed input must never read as "untick everything"
+        raise InvalidInput([NOT_SLUGS])
     wanted = set() if fields.get("action") == "unsubscribe_all" else set(chosen)
     try:
         async with db.transaction() as session:
