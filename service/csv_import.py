@@ -73,19 +73,6 @@ _LONG_LINE = "\x00line too long\x00"
 CACHE_ENTRIES = 10_000
 
 
-def new_public_ids(count: int) -> list[str]:
-    """`count` subscriber public ids, each what tokens.new_public_id() gives (uuid4().hex).
-
-    uuid4() reads the system's random source once per id (~5 µs, half of checking a row);
-    one read for the whole chunk, with the version and variant bits set as uuid4 sets them.
-    """
-    raw = bytearray(os.urandom(16 * count))
-    raw[6::16] = bytes(b & 0x0F | 0x40 for b in raw[6::16])
-    raw[8::16] = bytes(b & 0x3F | 0x80 for b in raw[8::16])
-    hexed = raw.hex()
-    return [hexed[i : i + 32] for i in range(0, len(hexed), 32)]
-
-
 class ImportFailed(Exception):
     """The file cannot be imported at all (no header, no email column, ...)."""
 
@@ -354,7 +341,7 @@ class _Reader:
         chunk = _Chunk()
         in_chunk: set[str] = set()
         records = self._records
-        self._public_ids = new_public_ids(size)
+        self._public_ids = tokens.new_public_ids(size)
         while chunk.seen < size:
             line = self._line + 1
             try:

@@ -383,8 +383,9 @@ class SignupLimiter:
         if self.limiter is None or ip is None:
             return None
         key = self._key(ip)
-        # Only a storage across the network can hang; the memory one needs no timer.
-        deadline = contextlib.nullcontext() if self.kind == "memory" else None
+        # Only a storage across the network can hang: the memory and database ones count in
+        # this process (the database one syncs in the background) and need no timer.
+        deadline = None if self.kind == "redis" else contextlib.nullcontext()
         try:
             async with deadline or asyncio.timeout(STORAGE_TIMEOUT):
                 passed = await self._hit_all(self.limiter, key)

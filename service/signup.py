@@ -315,9 +315,10 @@ async def _upsert_subscribers(session: AsyncSession, batch: list[_Work], now: da
     """Create the new subscribers, find the known ones. Name, language and attributes are
     only set on creation: an unauthenticated form must not rewrite what a reader gave."""
     by_key = {w.data.address.key: w for w in batch}
+    public_ids = tokens.new_public_ids(len(batch))
     rows = [
         {
-            "public_id": tokens.new_public_id(),
+            "public_id": public_id,
             "email": w.data.address.email,
             "email_key": w.data.address.key,
             "name": w.data.name,
@@ -326,7 +327,7 @@ async def _upsert_subscribers(session: AsyncSession, batch: list[_Work], now: da
             "created_at": now,
             "updated_at": now,
         }
-        for w in batch
+        for w, public_id in zip(batch, public_ids, strict=True)
     ]
     conn = await session.connection()
     created = await bulk.insert_rows(
@@ -400,6 +401,7 @@ async def _queue_mail(
     )
     mails: list[dict[str, Any]] = []
     confirmations: list[dict[str, Any]] = []
+    fresh_tokens = iter(tokens.new_confirmation_tokens(sum(1 for w in batch if w.pending)))
     for work in batch:
         email = work.data.address.email
         if work.activated:
@@ -416,7 +418,7 @@ async def _queue_mail(
         if not _wants_mail(work) or not (work.created or work.subscriber_id in allowed):
             continue
         if work.pending:
-            token, token_hash = tokens.new_confirmation_token()
+            token, token_hash = next(fresh_tokens)
             confirmations.append(
                 {
                     "token_hash": token_hash,

@@ -8,7 +8,6 @@ import io
 import random
 import subprocess
 import sys
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -697,17 +696,6 @@ async def test_cli_imports_and_exports(db: Database, settings: Settings, tmp_pat
 # ---------------------------------------------------------------- the active import's paths
 
 
-def test_public_ids_in_bulk_are_what_uuid4_gives() -> None:
-    ids = csv_import.new_public_ids(5000)
-    assert len(set(ids)) == 5000
-    for public_id in ids:
-        parsed = uuid.UUID(hex=public_id)
-        assert parsed.hex == public_id
-        assert parsed.version == 4
-        assert parsed.variant == uuid.RFC_4122
-    assert csv_import.new_public_ids(0) == []
-
-
 async def _job_and_rows(
     db: Database, settings: Settings, path: Path, content: str
 ) -> tuple[Any, list[Any]]:
@@ -863,7 +851,7 @@ async def test_staged_import_row_written_by_someone_else_meanwhile(
         async with other.transaction() as racing:
             await racing.execute(
                 Subscriber.__table__.insert().values(
-                    public_id=csv_import.new_public_ids(1)[0],
+                    public_id=tokens.new_public_ids(1)[0],
                     email="race@example.com",
                     email_key="race@example.com",
                     attributes={},
@@ -950,7 +938,7 @@ def test_export_formatter_writes_what_csv_writer_and_manage_token_write(
             rng.choice(emails) if free_text else f"u{i}@example.com",
             rng.choice(texts) if free_text else rng.choice(["Ada", None, "=sum()"]),
             rng.choice(["en", "-en", None]) if free_text else rng.choice(["en", None]),
-            csv_import.new_public_ids(1)[0],
+            tokens.new_public_ids(1)[0],
             rng.choice(["active", "pending", "unsubscribed"]),
             "2026-11-25T10:00:00Z",
             rng.choice(["2026-11-25T10:01:00Z", None]),
@@ -963,7 +951,7 @@ def test_export_formatter_writes_what_csv_writer_and_manage_token_write(
     for hostile in (False, True):  # a page with nothing to quote, and a page with some
         rows = [row(i, hostile and i % 3 == 0) for i in range(300)]
         assert formatter.format(rows) == _reference_page(settings, "weekly", rows)
-    for public_id in csv_import.new_public_ids(200):
+    for public_id in tokens.new_public_ids(200):
         assert csv_export._Signer(key).tokens([public_id]) == [
             tokens.manage_token([key], public_id)
         ]
