@@ -7,6 +7,8 @@ plain lists, and one statement writes all rows: on PostgreSQL `INSERT ... SELECT
 unnest($1::type[], ...)` (the same SQL text, hence one prepared statement, whatever the batch
 size), on SQLite the driver's own executemany (one C loop). The statements still go through
 SQLAlchemy's connection (`exec_driver_sql`): the caller's transaction, echo and events apply.
+`insert_many` writes rows of several tables: on PostgreSQL in one statement (each table's
+insert a data-modifying CTE), so a sign-up batch pays one round trip for them all.
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ def _plan(
     conflict: str | None,
     returning: tuple[str, ...],
     rows: int,
+    first: int = 1,
 ) -> _Plan:
+    """`first`: the number of the plan's first parameter ($n) on PostgreSQL."""
     table: Table = Base.metadata.tables[table_name]
     for column in table.columns:
         # A Python-side default would be skipped here: the caller must give the value.
@@ -59,7 +63,7 @@ def _plan(
     if dialect.name == "postgresql":
         arrays = ", ".join(
             f"${i}::{table.c[name].type.compile(dialect=dialect)}[]"
-            for i, name in enumerate(columns, 1)
+            for i, name in enumerate(columns, first)
         )
         # Names and types come from the schema, values travel as parameters.
         source = f"SELECT * FROM unnest({arrays})"  # noqa: S608
@@ -123,3 +127,44 @@ async def insert_rows(
         params = list(zip(*_columns(plan, names, rows), strict=True))
         result = await conn.exec_driver_sql(plan.sql, params)
     return [tuple(row) for row in result.all()] if returning else []
+
+
+@functools.lru_cache(maxsize=256)
+def _combined(
+    dialect: Dialect, parts: tuple[tuple[str, tuple[str, ...]], ...]
+) -> tuple[str, tuple[_Plan, ...]]:
+    """One PostgreSQL statement inserting into each (table, columns) of `parts`: its SQL,
+    and each part's plan (for its values' processors)."""
+    plans: list[_Plan] = []
+    first = 1
+    for table_name, columns in parts:
+        plans.append(_plan(dialect, table_name, columns, None, (), 0, first))
+        first += len(columns)
+    ctes = ", ".join(f"w{i} AS ({plan.sql})" for i, plan in enumerate(plans[:-1]))
+    return f"WITH {ctes} {plans[-1].sql}", tuple(plans)
+
+
+async def insert_many(
+    conn: AsyncConnection, parts: Sequence[tuple[Table, Sequence[dict[str, Any]]]]
+) -> None:
+    """Insert the rows of several tables (each table's rows with the same keys).
+
+    PostgreSQL runs every part in one statement, where no part sees another's rows: no part
+    may refer by foreign key to rows written by another part of the same call.
+    """
+    parts = [(table, rows) for table, rows in parts if rows]
+    if conn.dialect.name != "postgresql" or len(parts) < 2:
+        for table, rows in parts:
+            await insert_rows(conn, table, rows)
+        return
+    names = [tuple(rows[0]) for _, rows in parts]
+    sql, plans = _combined(
+        conn.dialect,
+        tuple((table.name, columns) for (table, _), columns in zip(parts, names, strict=True)),
+    )
+    values = [
+        column
+        for plan, columns, (_, rows) in zip(plans, names, parts, strict=True)
+        for column in _columns(plan, columns, rows)
+    ]
+    await conn.exec_driver_sql(sql, tuple(values))

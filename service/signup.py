@@ -303,12 +303,18 @@ async def _apply(
                         **work.consent.columns(now),  # column-named keys fill the SET clause
                     }
                 )
-    if new_rows:
-        await bulk.insert_rows(await session.connection(), table(Subscription), new_rows)
     if again:
         await (await session.connection()).execute(RESUBSCRIBE, again)
-    await events.record(session, new_events)
-    await _queue_mail(session, settings, batch, now)
+    confirmations, mails = await _mail(session, settings, batch, now)
+    await events.record(
+        session,
+        new_events,
+        along=[
+            (table(Subscription), new_rows),
+            (table(Confirmation), confirmations),
+            (table(OutboxMessage), mails),
+        ],
+    )
 
 
 async def _upsert_subscribers(session: AsyncSession, batch: list[_Work], now: datetime) -> None:
@@ -388,9 +394,11 @@ def _wants_mail(work: _Work) -> bool:
     return bool(work.pending or not work.activated)
 
 
-async def _queue_mail(
+async def _mail(
     session: AsyncSession, settings: Settings, batch: list[_Work], now: datetime
-) -> None:
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The confirmation and outbox rows of the mail this batch sends (each work's
+    result.mail_queued says which)."""
     # Someone with nothing new to confirm hears "already subscribed" instead; both kinds of
     # mail share the per-address cap, so the form cannot be used to bomb an inbox.
     allowed = await _under_cap(
@@ -434,6 +442,4 @@ async def _queue_mail(
             payload = mail_payload(work.public_id, work.newsletters)
             work.result.mail_queued = "already_subscribed"
         mails.append(outbox_row(work.result.mail_queued, email, work.subscriber_id, payload, now))
-    conn = await session.connection()
-    await bulk.insert_rows(conn, table(Confirmation), confirmations)
-    await bulk.insert_rows(conn, table(OutboxMessage), mails)
+    return confirmations, mails

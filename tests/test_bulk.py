@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+import sqlalchemy
 from sqlalchemy import insert, select
 
 from service import bulk
@@ -112,3 +113,66 @@ async def test_more_rows_than_one_sqlite_statement_takes_are_all_written(
             returning=("email_key",),
         )
     assert sorted(created) == sorted((r["email_key"],) for r in rows)
+
+
+async def test_rows_of_several_tables_are_written_in_one_statement_on_postgresql(
+    db: Database,
+) -> None:
+    when = datetime(2026, 11, 25, 17, 0, 0, 42, tzinfo=UTC)
+    events = [
+        {
+            "type": "subscription.pending",
+            "subscriber_id": i,
+            "newsletter_id": None,
+            "actor": "api",
+            "ip": "192.0.2.1",
+            "data": {"i": i},
+            "created_at": when,
+        }
+        for i in range(3)
+    ]
+    async with db.transaction() as session:
+        conn = await session.connection()
+        [(subscriber_id,)] = await bulk.insert_rows(
+            conn, table(Subscriber), [_subscriber(1, when)], returning=("id",)
+        )
+        mails = [
+            {
+                "kind": "email",
+                "template": "confirmation",
+                "recipient": f"r{i}@example.com",
+                "subscriber_id": subscriber_id,
+                "payload": {"token": f"t{i}", "newsletters": [1, 2]},
+                "status": "queued",
+                "attempts": 0,
+                "next_attempt_at": when,
+                "created_at": when,
+            }
+            for i in range(2)
+        ]
+        statements: list[str] = []
+
+        def count(_conn: Any, _cursor: Any, sql: str, *_args: Any) -> None:
+            statements.append(sql)
+
+        sqlalchemy.event.listen(db.engine.sync_engine, "before_cursor_execute", count)
+        try:
+            parts = [(table(Event), events), (table(Subscriber), []), (table(OutboxMessage), mails)]
+            await bulk.insert_many(conn, parts)
+            await bulk.insert_many(conn, [])
+        finally:
+            sqlalchemy.event.remove(db.engine.sync_engine, "before_cursor_execute", count)
+        stored_events = (await conn.execute(select(table(Event)))).all()
+        stored_mail = (await conn.execute(select(table(OutboxMessage)))).all()
+    assert len(statements) == (1 if db.engine.dialect.name == "postgresql" else 2), statements
+    assert sorted((e.subscriber_id, e.ip, e.data["i"]) for e in stored_events) == [
+        (i, "192.0.2.1", i) for i in range(3)
+    ]
+    assert {e.created_at for e in stored_events} == {when}
+    assert sorted((m.recipient, m.payload["token"]) for m in stored_mail) == [
+        ("r0@example.com", "t0"),
+        ("r1@example.com", "t1"),
+    ]
+    assert {(m.subscriber_id, m.status, m.next_attempt_at) for m in stored_mail} == {
+        (subscriber_id, "queued", when)
+    }
