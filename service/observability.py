@@ -41,6 +41,8 @@ LATENCY = Histogram(
     registry=REGISTRY,
 )
 
+# Bound children of LATENCY kept by the middleware (routes, methods and statuses in use).
+LATENCY_CHILDREN_CACHED = 1000
 ADDRESS = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -51,6 +53,7 @@ class RequestMetrics:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        self._latency: dict[tuple[str, str, int], Any] = {}  # the histogram's bound children
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -76,9 +79,13 @@ class RequestMetrics:
             route = scope.get("route")
             # The route template, never the raw path: tokens must not become label values.
             template = getattr(route, "path", "unmatched")
-            LATENCY.labels(scope["method"], template, str(status)).observe(
-                time.perf_counter() - started
-            )
+            labels = (scope["method"], template, status)
+            child = self._latency.get(labels)
+            if child is None:
+                child = LATENCY.labels(scope["method"], template, str(status))
+                if len(self._latency) < LATENCY_CHILDREN_CACHED:
+                    self._latency[labels] = child
+            child.observe(time.perf_counter() - started)
             request_id.reset(token)
 
 

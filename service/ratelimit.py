@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -64,6 +65,8 @@ def parse_networks(values: Iterable[str]) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(value.strip(), strict=False) for value in values)
 
 
+# Parsing an address is most of finding the client; the same few clients come back.
+@functools.lru_cache(maxsize=4096)
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     text = text.strip()
     if text.startswith("[") and "]" in text:  # "[2001:db8::1]:443"
@@ -97,7 +100,7 @@ def client_ip(
         return None
     current = _address(peer)
     if current is None or not trusted or not _trusted(current, trusted):
-        return str(current) if current is not None else peer
+        return _text(current) if current is not None else peer
     hops = [hop for header in forwarded_for for hop in header.split(",") if hop.strip()]
     for hop in reversed(hops):
         found = _address(hop)
@@ -107,6 +110,11 @@ def client_ip(
         if not _trusted(found, trusted):
             break
     return str(current)
+
+
+@functools.lru_cache(maxsize=4096)
+def _text(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    return str(address)
 
 
 def limit_key(ip: str) -> str:

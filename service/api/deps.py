@@ -64,7 +64,8 @@ def client_ip(request: Request) -> str | None:
     limiter: SignupLimiter = request.app.state.limiter
     return limiter.client_ip(
         request.client.host if request.client else None,
-        request.headers.getlist("x-forwarded-for"),
+        # Read only when someone may have written it whom we believe.
+        request.headers.getlist("x-forwarded-for") if limiter.trusted else (),
     )
 
 
