@@ -5,21 +5,28 @@ and builds the statement's parameters row by row; for a batch of sign-ups that w
 batch's CPU. Here each column's processor is looked up once, values go to the driver as
 plain lists, and one statement writes all rows: on PostgreSQL `INSERT ... SELECT * FROM
 unnest($1::type[], ...)` (the same SQL text, hence one prepared statement, whatever the batch
-size), on SQLite the driver's own executemany (one C loop). The statements still go through
-SQLAlchemy's connection (`exec_driver_sql`): the caller's transaction, echo and events apply.
+size), on SQLite the driver's own executemany (one C loop). On PostgreSQL the statements go
+through SQLAlchemy's connection (`exec_driver_sql`), so echo and execution events apply. On
+SQLite they go to aiosqlite itself, still in the caller's transaction: through SQLAlchemy each
+statement is three hand-offs to aiosqlite's thread (cursor, execute, close), here one, and
+those hand-offs, not CPU, were what a sign-up batch on SQLite waited for. Its errors are
+raised as SQLAlchemy's, as through the connection.
 `insert_many` writes rows of several tables: on PostgreSQL in one statement (each table's
 insert a data-modifying CTE), so a sign-up batch pays one round trip for them all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Sequence
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Table
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.models import Base
@@ -105,7 +112,8 @@ async def insert_rows(
     if dialect.name == "postgresql":
         plan = _plan(dialect, table.name, names, on_conflict_do_nothing, returning, 0)
         result = await conn.exec_driver_sql(plan.sql, tuple(_columns(plan, names, rows)))
-    elif returning:
+        return [tuple(row) for row in result.all()] if returning else []
+    if returning:
         # SQLite takes at most 32,766 parameters in one statement.
         per_statement = max(1, SQLITE_MAX_PARAMETERS // len(names))
         if len(rows) > per_statement:
@@ -121,12 +129,31 @@ async def insert_rows(
             return found
         plan = _plan(dialect, table.name, names, on_conflict_do_nothing, returning, len(rows))
         flat = [value for row in zip(*_columns(plan, names, rows), strict=True) for value in row]
-        result = await conn.exec_driver_sql(plan.sql, tuple(flat))
-    else:
-        plan = _plan(dialect, table.name, names, on_conflict_do_nothing, (), 1)
-        params = list(zip(*_columns(plan, names, rows), strict=True))
-        result = await conn.exec_driver_sql(plan.sql, params)
-    return [tuple(row) for row in result.all()] if returning else []
+        async with _sqlite_errors(plan.sql, flat):
+            written = await (await _aiosqlite(conn)).execute_fetchall(plan.sql, flat)
+        return [tuple(row) for row in written]
+    plan = _plan(dialect, table.name, names, on_conflict_do_nothing, (), 1)
+    params = list(zip(*_columns(plan, names, rows), strict=True))
+    async with _sqlite_errors(plan.sql, params):
+        await (await _aiosqlite(conn)).executemany(plan.sql, params)
+    return []
+
+
+async def _aiosqlite(conn: AsyncConnection) -> Any:
+    """The aiosqlite connection under `conn`, in the transaction SQLAlchemy has begun."""
+    if not conn.in_transaction():
+        # Outside one, the driver would commit each statement alone (isolation_level=None).
+        raise RuntimeError("bulk inserts on SQLite must run in a transaction")
+    return (await conn.get_raw_connection()).driver_connection
+
+
+@contextlib.asynccontextmanager
+async def _sqlite_errors(sql: str, params: Any) -> AsyncIterator[None]:
+    """sqlite3's errors as SQLAlchemy raises them (IntegrityError, OperationalError, ...)."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise DBAPIError.instance(sql, params, exc, sqlite3.Error) from exc
 
 
 @functools.lru_cache(maxsize=256)
