@@ -227,6 +227,12 @@ def install_error_handlers(app: FastAPI) -> None:
             headers={"Retry-After": str(RETRY_UNAVAILABLE_AFTER)},
         )
 
+    async def on_server_error(_request: Request, exc: Exception) -> Response:
+        # Starlette's last resort answers text/plain; clients parse problem+json everywhere.
+        # The exception still reaches the server's log after this answer.
+        return problem(500, HTTPStatus.INTERNAL_SERVER_ERROR.phrase, code="internal_error")
+
+    app.add_exception_handler(Exception, on_server_error)
     app.add_exception_handler(DomainError, on_domain_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

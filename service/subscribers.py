@@ -43,14 +43,21 @@ async def search_subscribers(
     email_prefix: str | None = None,
     newsletter: str | None = None,
     status: str | None = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
     limit: int = 50,
     after: int | str | None = None,
 ) -> list[SubscriberRow]:
     """Subscribers after the cursor, filtered; two queries, whatever the page size.
 
     A prefix search walks the address index in address order (the cursor is the last
-    address), reading only one page of it; other searches go in id order."""
+    address), reading only one page of it; other searches go in id order. The created
+    range includes created_after and excludes created_before."""
     query = select(Subscriber).limit(limit)
+    if created_after is not None:
+        query = query.where(Subscriber.created_at >= created_after)
+    if created_before is not None:
+        query = query.where(Subscriber.created_at < created_before)
     if email_prefix:
         query = query.where(
             Subscriber.email_key.like(_escape_like(email_prefix.lower()) + "%", escape="\\")
