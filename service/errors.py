@@ -200,6 +200,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_validation_error(_request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
+        if any(err.get("type") == "json_invalid" for err in exc.errors()):
+            # Not a field's fault: the body is not JSON at all (the sign-up says 400 too).
+            return problem(
+                400,
+                "The request body could not be read",
+                code="malformed_body",
+                detail="Malformed JSON.",
+            )
         errors = []
         for err in exc.errors():
             loc = [str(part) for part in err.get("loc", ()) if part not in ("body", "query")]

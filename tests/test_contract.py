@@ -5,6 +5,7 @@ Each test here was a place where the running service and the contract disagreed.
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -171,6 +172,52 @@ async def test_nul_characters_in_admin_input_are_a_422_not_a_500(
         assert answer.headers["content-type"] == "application/problem+json"
     after = await client.get(f"/v1/admin/subscribers/{person}", headers=admin)
     assert [s["status"] for s in after.json()["subscriptions"]] == ["active"]
+
+
+async def test_admin_bodies_that_are_not_json_are_400_413_or_415(
+    client: httpx.AsyncClient, db: Database
+) -> None:
+    """Malformed JSON, another content type and a huge body each get their own status, as on
+    the sign-up endpoint, instead of a 422 about a "dictionary" or a body held in memory."""
+    admin = await make_key(db)
+    json_type = {**admin, "content-type": "application/json"}
+    url = "/v1/admin/newsletters"
+
+    malformed = await client.post(url, content=b'{"slug": "x",', headers=json_type)
+    assert (malformed.status_code, malformed.json()["title"]) == (
+        400,
+        "The request body could not be read",
+    )
+    for content_type in ("text/plain", "application/x-www-form-urlencoded"):
+        other = await client.post(
+            url, content=b"slug=x&name=y", headers={**admin, "content-type": content_type}
+        )
+        assert other.status_code == 415, (content_type, other.text)
+        assert other.headers["content-type"] == "application/problem+json"
+    suffixed = await client.post(
+        url,
+        content=b'{"slug": "fine", "name": "Fine"}',
+        headers={**admin, "content-type": "application/merge-patch+json"},
+    )
+    assert suffixed.status_code == 201, suffixed.text
+
+    huge = b'{"slug": "big", "name": "' + b"x" * (2 * 1024 * 1024) + b'"}'
+    declared = await client.post(url, content=huge, headers=json_type)
+    assert declared.status_code == 413
+    assert declared.json()["title"] == "Request body too large"
+    unauthenticated = await client.post(
+        url, content=huge, headers={"content-type": "application/json"}
+    )
+    assert unauthenticated.status_code == 413
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(huge), 65536):
+            yield huge[start : start + 65536]
+
+    streamed = await client.post(url, content=chunks(), headers=json_type)
+    assert streamed.status_code == 413
+    assert streamed.headers["content-type"] == "application/problem+json"
+    assert (await client.get(url + "/big", headers=admin)).status_code == 404
 
 
 async def test_an_unexpected_error_is_still_problem_json(app: FastAPI) -> None:
