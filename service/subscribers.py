@@ -276,7 +276,10 @@ async def set_subscription_status(
     now = now or utcnow()
     if status not in (Status.active.value, Status.unsubscribed.value):
         raise InvalidInput([FieldError("status", "invalid", "status is active or unsubscribed.")])
-    [newsletter] = await _newsletters(session, [slug])
+    try:
+        [newsletter] = await _newsletters(session, [slug])
+    except InvalidInput as exc:  # the slug is in the path: no such resource, as on GET
+        raise NotFound(f"No newsletter {slug[:64]!r}.") from exc
     subscription = await session.scalar(
         select(Subscription).where(
             Subscription.subscriber_id == subscriber.id,

@@ -89,8 +89,13 @@ async def get_webhook(session: AsyncSession, webhook_id: int) -> Webhook:
     return hook
 
 
-async def list_webhooks(session: AsyncSession) -> list[Webhook]:
-    return list(await session.scalars(select(Webhook).order_by(Webhook.id)))
+async def list_webhooks(
+    session: AsyncSession, after_id: int | None = None, limit: int = 100
+) -> list[Webhook]:
+    query = select(Webhook).order_by(Webhook.id).limit(limit)
+    if after_id is not None:
+        query = query.where(Webhook.id > after_id)
+    return list(await session.scalars(query))
 
 
 async def update_webhook(

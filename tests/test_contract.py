@@ -322,6 +322,61 @@ async def test_webhooks_take_events_as_the_list_of_event_types(
     assert changed.json()["event_types"] == ["subscription.unsubscribed"]
 
 
+async def test_every_admin_list_is_cursor_paginated(
+    client: httpx.AsyncClient, db: Database
+) -> None:
+    """design.md: lists are cursor-paginated (`limit`, `cursor`, `next_cursor`)."""
+    admin = await make_key(db)
+    for n in range(3):
+        await client.post(
+            "/v1/admin/webhooks",
+            json={"url": f"https://hooks.example/{n}", "event_types": ["subscription.confirmed"]},
+            headers=admin,
+        )
+        await client.post("/v1/admin/blocklist", json={"value": f"spam{n}.example"}, headers=admin)
+        await make_newsletter(db, f"list-{n}")
+    for url in ("/v1/admin/webhooks", "/v1/admin/blocklist", "/v1/admin/newsletters"):
+        seen: list[int | str] = []
+        cursor: str | None = None
+        while True:
+            params = {"limit": "2", **({"cursor": cursor} if cursor else {})}
+            page = await client.get(url, params=params, headers=admin)
+            assert page.status_code == 200, (url, page.text)
+            body = page.json()
+            assert set(body) == {"items", "next_cursor"}
+            assert len(body["items"]) <= 2
+            seen += [item.get("id", item.get("slug")) for item in body["items"]]
+            cursor = body["next_cursor"]
+            if not cursor:
+                break
+        assert len(seen) == len(set(seen)) == 3, (url, seen)
+
+
+async def test_setting_a_subscription_on_an_unknown_newsletter_is_404(
+    client: httpx.AsyncClient, db: Database
+) -> None:
+    await make_newsletter(db, "weekly", opt_in="single")
+    admin = await make_key(db)
+    added = await client.post(
+        "/v1/admin/subscribers",
+        json={
+            "email": "reader@example.com",
+            "newsletters": ["weekly"],
+            "status": "active",
+            "consent_note": "asked in person",
+        },
+        headers=admin,
+    )
+    person = added.json()["id"]
+    answer = await client.put(
+        f"/v1/admin/subscribers/{person}/subscriptions/nope",
+        json={"status": "active"},
+        headers=admin,
+    )
+    assert answer.status_code == 404
+    assert answer.headers["content-type"] == "application/problem+json"
+
+
 async def test_blocklist_is_crud_and_tells_addresses_from_domains(
     client: httpx.AsyncClient, db: Database
 ) -> None:

@@ -103,10 +103,15 @@ async def create_webhook(body: WebhookCreate, db: DbDep, key: AdminKey) -> Webho
 @router.get(
     "/webhooks", response_model=WebhookPage, tags=["admin: webhooks"], summary="All webhooks"
 )
-async def list_webhooks(db: DbDep, _key: ReadKey) -> WebhookPage:
+async def list_webhooks(
+    db: DbDep, _key: ReadKey, cursor: Cursor = None, limit: Limit = 100
+) -> WebhookPage:
     async with db.transaction() as session:
-        hooks = await webhooks.list_webhooks(session)
-    return WebhookPage(items=[webhook_out(h) for h in hooks])
+        hooks = await webhooks.list_webhooks(session, decode_cursor(cursor), limit)
+    return WebhookPage(
+        items=[webhook_out(h) for h in hooks],
+        next_cursor=next_cursor([h.id for h in hooks], limit),
+    )
 
 
 @router.get(
