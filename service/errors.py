@@ -15,7 +15,7 @@ from asyncpg.exceptions import (  # type: ignore[import-untyped]
 )
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
@@ -240,7 +240,19 @@ def install_error_handlers(app: FastAPI) -> None:
         # The exception still reaches the server's log after this answer.
         return problem(500, HTTPStatus.INTERNAL_SERVER_ERROR.phrase, code="internal_error")
 
+    async def on_integrity_error(_request: Request, exc: Exception) -> Response:
+        # Two requests creating the same thing at once (the same slug, address or block):
+        # each checked first and found nothing, and the database's unique index kept one.
+        log.info("integrity error answered 409: %s", str(exc).splitlines()[0][:300])
+        return problem(
+            409,
+            Conflict.title,
+            code=Conflict.code,
+            detail="A concurrent request changed the same thing; look again, then retry.",
+        )
+
     app.add_exception_handler(Exception, on_server_error)
+    app.add_exception_handler(IntegrityError, on_integrity_error)
     app.add_exception_handler(DomainError, on_domain_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

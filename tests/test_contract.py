@@ -4,6 +4,7 @@ Each test here was a place where the running service and the contract disagreed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -218,6 +219,39 @@ async def test_admin_bodies_that_are_not_json_are_400_413_or_415(
     assert streamed.status_code == 413
     assert streamed.headers["content-type"] == "application/problem+json"
     assert (await client.get(url + "/big", headers=admin)).status_code == 404
+
+
+async def test_the_same_thing_created_at_once_is_one_201_and_409s(
+    client: httpx.AsyncClient, db: Database
+) -> None:
+    """Each request checks, finds nothing and inserts: the unique index keeps one, and the
+    others are told 409 (PostgreSQL answered them 500)."""
+    await make_newsletter(db, "weekly")
+    admin = await make_key(db)
+    creations = [
+        ("/v1/admin/newsletters", {"slug": "twice", "name": "Twice"}),
+        (
+            "/v1/admin/subscribers",
+            {
+                "email": "twice@example.com",
+                "newsletters": ["weekly"],
+                "status": "active",
+                "consent_note": "asked",
+            },
+        ),
+        ("/v1/admin/blocklist", {"value": "twice.example"}),
+    ]
+    for url, body in creations:
+        answers = await asyncio.gather(
+            *(client.post(url, json=body, headers=admin) for _ in range(8))
+        )
+        statuses = sorted(a.status_code for a in answers)
+        assert statuses == [201] + [409] * 7, (url, statuses)
+        assert all(
+            a.headers["content-type"] == "application/problem+json"
+            for a in answers
+            if a.status_code == 409
+        )
 
 
 async def test_an_unexpected_error_is_still_problem_json(app: FastAPI) -> None:
