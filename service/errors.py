@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.orm.exc import StaleDataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
@@ -243,6 +244,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_integrity_error(_request: Request, exc: Exception) -> Response:
         # Two requests creating the same thing at once (the same slug, address or block):
         # each checked first and found nothing, and the database's unique index kept one.
+        # Or one changing a row another has just deleted.
         log.info("integrity error answered 409: %s", str(exc).splitlines()[0][:300])
         return problem(
             409,
@@ -253,6 +255,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(Exception, on_server_error)
     app.add_exception_handler(IntegrityError, on_integrity_error)
+    # The row an update was for was deleted meanwhile (an erasure racing an edit).
+    app.add_exception_handler(StaleDataError, on_integrity_error)
     app.add_exception_handler(DomainError, on_domain_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

@@ -254,6 +254,35 @@ async def test_the_same_thing_created_at_once_is_one_201_and_409s(
         )
 
 
+async def test_an_edit_racing_an_erasure_is_a_4xx(client: httpx.AsyncClient, db: Database) -> None:
+    await make_newsletter(db, "weekly", opt_in="single")
+    admin = await make_key(db)
+    for round_ in range(5):
+        address = f"gone{round_}@example.com"
+        signup = await client.post(
+            "/v1/subscriptions", json={"email": address, "newsletters": ["weekly"]}
+        )
+        assert signup.status_code == 200
+        found = await client.get("/v1/admin/subscribers", params={"email": address}, headers=admin)
+        person = f"/v1/admin/subscribers/{found.json()['items'][0]['id']}"
+        answers = await asyncio.gather(
+            client.delete(person, headers=admin),
+            *(
+                client.put(
+                    f"{person}/subscriptions/weekly",
+                    json={"status": "unsubscribed" if n % 2 else "active"},
+                    headers=admin,
+                )
+                for n in range(6)
+            ),
+            *(client.patch(person, json={"name": f"N{n}"}, headers=admin) for n in range(3)),
+        )
+        assert {a.status_code for a in answers} <= {200, 204, 404, 409}, [
+            (a.status_code, a.text[:80]) for a in answers
+        ]
+        assert (await client.get(person, headers=admin)).status_code == 404
+
+
 async def test_an_unexpected_error_is_still_problem_json(app: FastAPI) -> None:
     """design.md: errors are problem+json; a bug must not answer Starlette's text/plain."""
 
