@@ -398,7 +398,11 @@ async def erase_subscriber(
     await session.execute(delete(OutboxMessage).where(theirs))
     await session.execute(delete(Confirmation).where(Confirmation.subscriber_id == subscriber.id))
     await session.execute(delete(Subscription).where(Subscription.subscriber_id == subscriber.id))
-    await session.execute(delete(Subscriber).where(Subscriber.id == subscriber.id))
+    gone = await session.execute(delete(Subscriber).where(Subscriber.id == subscriber.id))
+    if gone.rowcount == 0:  # type: ignore[attr-defined]
+        # A concurrent erasure of the same person committed first: one erasure, one event
+        # (and one webhook call); this one is rolled back and told what a later one is.
+        raise NotFound("No such subscriber.")
     await suppression.suppress(session, subscriber.email_key, "erased", now)
     await events.record(
         session,

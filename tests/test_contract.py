@@ -283,6 +283,25 @@ async def test_an_edit_racing_an_erasure_is_a_4xx(client: httpx.AsyncClient, db:
         assert (await client.get(person, headers=admin)).status_code == 404
 
 
+async def test_erasing_one_person_at_once_twice_erases_once(
+    client: httpx.AsyncClient, db: Database
+) -> None:
+    """design.md: erase is 204 and the event says who erased; a second erasure finds no one,
+    even when both run at once (PostgreSQL answered every one 204, each with its event)."""
+    await make_newsletter(db, "weekly", opt_in="single")
+    admin = await make_key(db)
+    signup = await client.post(
+        "/v1/subscriptions", json={"email": "twice@example.com", "newsletters": ["weekly"]}
+    )
+    assert signup.status_code == 200
+    found = await client.get("/v1/admin/subscribers", headers=admin)
+    person = f"/v1/admin/subscribers/{found.json()['items'][0]['id']}"
+    answers = await asyncio.gather(*(client.delete(person, headers=admin) for _ in range(6)))
+    assert sorted(a.status_code for a in answers) == [204] + [404] * 5
+    feed = await client.get("/v1/admin/events", params={"type": "subscriber.erased"}, headers=admin)
+    assert len(feed.json()["items"]) == 1
+
+
 async def test_an_unexpected_error_is_still_problem_json(app: FastAPI) -> None:
     """design.md: errors are problem+json; a bug must not answer Starlette's text/plain."""
 
