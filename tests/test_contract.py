@@ -339,6 +339,38 @@ async def test_a_multipart_sign_up_with_a_file_says_why_it_is_refused(
     assert answer.json()["detail"] == "A sign-up takes text fields only, no files."
 
 
+async def test_a_browser_form_post_too_big_or_unreadable_gets_a_page(
+    client: httpx.AsyncClient, db: Database
+) -> None:
+    """design.md: a browser form post gets HTML; 413 for an oversized body."""
+    await make_newsletter(db, "weekly")
+    browser = {
+        "accept": "text/html,application/xhtml+xml",
+        "content-type": "application/x-www-form-urlencoded",
+    }
+    big = await client.post(
+        "/v1/subscriptions",
+        content=b"email=reader%40example.com&newsletters=weekly&name=" + b"x" * 100_000,
+        headers=browser,
+    )
+    assert big.status_code == 413
+    assert big.headers["content-type"].startswith("text/html")
+    assert "Request body too large" in big.text and 'name="email"' in big.text
+    unreadable = await client.post(
+        "/v1/subscriptions", content=b"email=r%FF%40example.com&newsletters=weekly", headers=browser
+    )
+    assert unreadable.status_code == 400
+    assert unreadable.headers["content-type"].startswith("text/html")
+    assert "The request body could not be read" in unreadable.text
+    script = await client.post(
+        "/v1/subscriptions",
+        content=b"email=reader%40example.com&newsletters=weekly&name=" + b"x" * 100_000,
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert script.status_code == 413
+    assert script.headers["content-type"] == "application/problem+json"
+
+
 # ---------------------------------------------------------------- webhooks and blocklist
 
 
