@@ -26,6 +26,7 @@ from service.api import (
     pages,
     public,
 )
+from service.api.admin_body import AdminJSONBody
 from service.api.cors import AllowedOrigins, NewsletterCORS
 from service.api.timeouts import BodyDeadline
 from service.botcheck import ChallengeVerifier, form_token
@@ -116,7 +117,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.templates.env.globals["form_token"] = functools.partial(form_token, settings)
     app.state.templates.env.globals["challenge_widget"] = challenge.widget
     app.state.allowed_origins = AllowedOrigins(db)
-    # Innermost of the middleware: its 408 still gets CORS headers, a request id and metrics.
+    # Innermost of the middleware: their 413/415/408 still get CORS headers, a request id and
+    # metrics.
+    app.add_middleware(AdminJSONBody)
     app.add_middleware(BodyDeadline, timeout=settings.request_timeout)
     app.add_middleware(NewsletterCORS, allowed=app.state.allowed_origins)
     install_error_handlers(app)

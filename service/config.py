@@ -132,7 +132,8 @@ class Settings(BaseSettings):
     db_echo: bool = Field(default=False, description="Log every SQL statement (debugging).")
     bounce_webhook_secret: str = Field(
         default="",
-        description="Shared secret of POST /v1/hooks/bounces (Bearer or ?token=); empty = off.",
+        description="Shared secret of POST /v1/hooks/bounces (Bearer, Basic or ?token=), for"
+        " providers; an admin API key is always accepted too.",
     )
     bounce_sns_autoconfirm: bool = Field(
         default=False,

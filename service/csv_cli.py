@@ -47,12 +47,20 @@ def import_command(
         str, typer.Option(help="active, or pending to send each a confirmation mail.")
     ] = "active",
     consent_note: Annotated[
-        str, typer.Option("--consent-note", help="Where consent came from (needed for active).")
+        str,
+        typer.Option(
+            "--consent-note",
+            help="Where consent came from (default for active: this file and command).",
+        ),
     ] = "",
 ) -> None:
     """Import a CSV file (columns: email, name, language; others become attributes)."""
     settings = _settings()
     path = file.resolve()
+    if status == "active" and not consent_note.strip():
+        # The contract's command is `import FILE --newsletter S [--status active]`: ops who
+        # run it vouch for the file, and the consent record says which file that was.
+        consent_note = f"Imported from {file.name} with `newsletter subscribers import`"
 
     def show(progress: csv_import.ImportProgress) -> None:
         typer.echo(

@@ -15,8 +15,9 @@ from asyncpg.exceptions import (  # type: ignore[import-untyped]
 )
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.orm.exc import StaleDataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
@@ -200,6 +201,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_validation_error(_request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
+        if any(err.get("type") == "json_invalid" for err in exc.errors()):
+            # Not a field's fault: the body is not JSON at all (the sign-up says 400 too).
+            return problem(
+                400,
+                "The request body could not be read",
+                code="malformed_body",
+                detail="Malformed JSON.",
+            )
         errors = []
         for err in exc.errors():
             loc = [str(part) for part in err.get("loc", ()) if part not in ("body", "query")]
@@ -227,6 +236,27 @@ def install_error_handlers(app: FastAPI) -> None:
             headers={"Retry-After": str(RETRY_UNAVAILABLE_AFTER)},
         )
 
+    async def on_server_error(_request: Request, exc: Exception) -> Response:
+        # Starlette's last resort answers text/plain; clients parse problem+json everywhere.
+        # The exception still reaches the server's log after this answer.
+        return problem(500, HTTPStatus.INTERNAL_SERVER_ERROR.phrase, code="internal_error")
+
+    async def on_integrity_error(_request: Request, exc: Exception) -> Response:
+        # Two requests creating the same thing at once (the same slug, address or block):
+        # each checked first and found nothing, and the database's unique index kept one.
+        # Or one changing a row another has just deleted.
+        log.info("integrity error answered 409: %s", str(exc).splitlines()[0][:300])
+        return problem(
+            409,
+            Conflict.title,
+            code=Conflict.code,
+            detail="A concurrent request changed the same thing; look again, then retry.",
+        )
+
+    app.add_exception_handler(Exception, on_server_error)
+    app.add_exception_handler(IntegrityError, on_integrity_error)
+    # The row an update was for was deleted meanwhile (an erasure racing an edit).
+    app.add_exception_handler(StaleDataError, on_integrity_error)
     app.add_exception_handler(DomainError, on_domain_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

@@ -80,7 +80,7 @@ def _check(changes: dict[str, Any]) -> dict[str, Any]:
         raise _invalid("opt_in", "opt_in is double or single.")
     ttl = clean.get("confirmation_ttl_seconds")
     if ttl is not None and not (60 <= int(ttl) <= 90 * 86400):
-        raise _invalid("confirmation_ttl_seconds", "Between 60 seconds and 90 days.")
+        raise _invalid("confirmation_ttl", "Between 60 seconds and 90 days.")
     for key in ("from_email", "reply_to"):
         # They become mail headers (and the envelope sender): a bad one would kill every
         # message of the list at send time, so it is refused here.

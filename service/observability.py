@@ -120,6 +120,12 @@ def configure_logging(level: str = "info", json_logs: bool = True) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+    for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    # No access log (docs/operations.md): its lines carry confirmation and manage tokens in
+    # paths. uvicorn's access_log=False is not enough: it logs whenever the logger has a
+    # handler, and propagating to the root's gives it one.
+    access = logging.getLogger("uvicorn.access")
+    access.handlers[:] = []
+    access.propagate = False

@@ -43,14 +43,21 @@ async def search_subscribers(
     email_prefix: str | None = None,
     newsletter: str | None = None,
     status: str | None = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
     limit: int = 50,
     after: int | str | None = None,
 ) -> list[SubscriberRow]:
     """Subscribers after the cursor, filtered; two queries, whatever the page size.
 
     A prefix search walks the address index in address order (the cursor is the last
-    address), reading only one page of it; other searches go in id order."""
+    address), reading only one page of it; other searches go in id order. The created
+    range includes created_after and excludes created_before."""
     query = select(Subscriber).limit(limit)
+    if created_after is not None:
+        query = query.where(Subscriber.created_at >= created_after)
+    if created_before is not None:
+        query = query.where(Subscriber.created_at < created_before)
     if email_prefix:
         query = query.where(
             Subscriber.email_key.like(_escape_like(email_prefix.lower()) + "%", escape="\\")
@@ -269,7 +276,10 @@ async def set_subscription_status(
     now = now or utcnow()
     if status not in (Status.active.value, Status.unsubscribed.value):
         raise InvalidInput([FieldError("status", "invalid", "status is active or unsubscribed.")])
-    [newsletter] = await _newsletters(session, [slug])
+    try:
+        [newsletter] = await _newsletters(session, [slug])
+    except InvalidInput as exc:  # the slug is in the path: no such resource, as on GET
+        raise NotFound(f"No newsletter {slug[:64]!r}.") from exc
     subscription = await session.scalar(
         select(Subscription).where(
             Subscription.subscriber_id == subscriber.id,
@@ -388,7 +398,11 @@ async def erase_subscriber(
     await session.execute(delete(OutboxMessage).where(theirs))
     await session.execute(delete(Confirmation).where(Confirmation.subscriber_id == subscriber.id))
     await session.execute(delete(Subscription).where(Subscription.subscriber_id == subscriber.id))
-    await session.execute(delete(Subscriber).where(Subscriber.id == subscriber.id))
+    gone = await session.execute(delete(Subscriber).where(Subscriber.id == subscriber.id))
+    if gone.rowcount == 0:  # type: ignore[attr-defined]
+        # A concurrent erasure of the same person committed first: one erasure, one event
+        # (and one webhook call); this one is rolled back and told what a later one is.
+        raise NotFound("No such subscriber.")
     await suppression.suppress(session, subscriber.email_key, "erased", now)
     await events.record(
         session,

@@ -88,9 +88,12 @@ async def blocked(session: AsyncSession, email_keys: Iterable[str]) -> set[str]:
 
 
 async def add_block(
-    session: AsyncSession, kind: str, value: str, note: str = "", actor: str = "cli"
+    session: AsyncSession, kind: str | None, value: str, note: str = "", actor: str = "cli"
 ) -> BlockedEntry:
-    """Block an address (normalised) or a domain (and with it its subdomains)."""
+    """Block an address (normalised) or a domain (and with it its subdomains); without a
+    kind, a value with an @ is an address."""
+    if kind is None:
+        kind = "address" if "@" in value else "domain"
     if kind == "address":
         checked = normalise(value)
         if isinstance(checked, FieldError):
@@ -130,10 +133,26 @@ async def list_blocks(
     return list(await session.scalars(query))
 
 
-async def delete_block(session: AsyncSession, entry_id: int, actor: str = "cli") -> None:
+async def get_block(session: AsyncSession, entry_id: int) -> BlockedEntry:
     entry = await session.get(BlockedEntry, entry_id)
     if entry is None:
         raise NotFound("No such blocklist entry.")
+    return entry
+
+
+async def update_block_note(
+    session: AsyncSession, entry_id: int, note: str, actor: str = "cli"
+) -> BlockedEntry:
+    """Change why an entry is there; what it blocks is its identity (delete and add)."""
+    entry = await get_block(session, entry_id)
+    entry.note = note[:500]
+    await session.flush()
+    await _audit(session, "blocklist.updated", actor, kind=entry.kind, value=entry.value)
+    return entry
+
+
+async def delete_block(session: AsyncSession, entry_id: int, actor: str = "cli") -> None:
+    entry = await get_block(session, entry_id)
     await session.execute(delete(BlockedEntry).where(BlockedEntry.id == entry_id))
     await _audit(session, "blocklist.removed", actor, kind=entry.kind, value=entry.value)
 

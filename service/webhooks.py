@@ -25,12 +25,24 @@ from service.models import Event, Newsletter, Subscriber, Webhook, WebhookDelive
 SIGNATURE_TOLERANCE_SECONDS = 300
 
 
+def _callable_url(url: str) -> bool:
+    """An absolute http(s) URL the HTTP client can call: one it cannot even build a request
+    for (a control character, a bad port) would fail every delivery."""
+    if len(url) > 2000 or any(not ch.isprintable() or ch.isspace() for ch in url):
+        return False
+    try:
+        parts = urlsplit(url)
+        parsed = httpx.URL(url)
+        _ = parts.port  # ValueError when out of range
+    except (ValueError, httpx.InvalidURL):
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and bool(parsed.host)
+
+
 def _check(url: str | None, event_types: list[str] | None) -> None:
     errors = []
-    if url is not None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname or len(url) > 2000:
-            errors.append(FieldError("url", "invalid", "An absolute http(s) URL."))
+    if url is not None and not _callable_url(url):
+        errors.append(FieldError("url", "invalid", "An absolute http(s) URL."))
     if event_types is not None:
         unknown = [t for t in event_types if t not in EVENT_TYPES]
         if not event_types or unknown:
@@ -77,8 +89,13 @@ async def get_webhook(session: AsyncSession, webhook_id: int) -> Webhook:
     return hook
 
 
-async def list_webhooks(session: AsyncSession) -> list[Webhook]:
-    return list(await session.scalars(select(Webhook).order_by(Webhook.id)))
+async def list_webhooks(
+    session: AsyncSession, after_id: int | None = None, limit: int = 100
+) -> list[Webhook]:
+    query = select(Webhook).order_by(Webhook.id).limit(limit)
+    if after_id is not None:
+        query = query.where(Webhook.id > after_id)
+    return list(await session.scalars(query))
 
 
 async def update_webhook(
@@ -235,7 +252,9 @@ async def call(client: httpx.AsyncClient, hook: Webhook, outbox_id: int, body: b
     started = time.monotonic()
     try:
         response = await client.post(hook.url, content=body, headers=headers)
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
+        # A URL stored before it was checked as strictly as now fails here, as this one
+        # call's failure: raised, it would fail the worker's whole batch, mail included.
         return CallResult(
             None, f"{type(exc).__name__}: {exc}"[:500], int((time.monotonic() - started) * 1000)
         )

@@ -426,7 +426,7 @@ async def test_a_wrong_or_missing_secret_is_401(
     )
     assert answer.status_code == 401
     assert answer.headers["content-type"] == "application/problem+json"
-    assert answer.json()["title"] == "A valid webhook secret is required"
+    assert answer.json()["title"] == "A valid webhook secret or admin API key is required"
     admin = await make_key(db)
     assert statuses(await person(client, admin, "target@example.com")) == {"weekly": "active"}
 
@@ -442,19 +442,35 @@ async def test_the_secret_may_come_as_query_token_or_basic_password(
     assert by_basic.status_code == 200
 
 
-async def test_without_a_configured_secret_the_intake_is_off(
+async def test_without_a_configured_secret_only_an_admin_key_opens_the_intake(
     settings: Settings, db: Database
 ) -> None:
+    """design.md lists the intake as authenticated next to the admin API: its keys work."""
     app = create_app(settings.model_copy(update={"bounce_webhook_secret": ""}))
+    await make_newsletter(db, "weekly", opt_in="single")
+    admin = await make_key(db)
+    read = await make_key(db, "read", name="reader")
+    body = {"type": "bounce", "email": "target@example.com"}
     try:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+            await sign_up(http, "target@example.com", "weekly")
             for params in ({}, {"token": ""}):
-                answer = await http.post(
-                    HOOK, json={"type": "bounce", "email": "a@example.com"}, params=params
-                )
-                assert answer.status_code == 404
+                answer = await http.post(HOOK, json=body, params=params)
+                assert answer.status_code == 401
                 assert answer.headers["content-type"] == "application/problem+json"
+            # An admin key in the query would land in access logs: only the header counts.
+            key = admin["authorization"].removeprefix("Bearer ")
+            by_query = await http.post(HOOK, json=body, params={"token": key})
+            assert by_query.status_code == 401
+            assert (await http.post(HOOK, json=body, headers=read)).status_code == 403
+            assert statuses(await person(http, admin, "target@example.com")) == {"weekly": "active"}
+            answer = await http.post(HOOK, json=body, headers=admin)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["hard_bounces"] == 1
+            assert statuses(await person(http, admin, "target@example.com")) == {
+                "weekly": "bounced"
+            }
     finally:
         await app.state.signups.stop()
         await app.state.db.dispose()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from datetime import timedelta
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
@@ -25,7 +26,8 @@ from service.api.admin_schemas import (
     NewsletterPage,
     StatsOut,
 )
-from service.api.deps import AdminKey, DbDep, ReadKey
+from service.api.deps import AdminKey, DbDep, ReadKey, SettingsDep
+from service.config import Settings
 from service.models import Newsletter, Status
 
 __all__ = ["decode_cursor", "encode_cursor", "router"]
@@ -34,7 +36,10 @@ router = APIRouter(prefix="/v1/admin", tags=["admin: newsletters"], responses=AD
 Slug = Annotated[str, "newsletter slug"]
 
 
-def newsletter_out(newsletter: Newsletter, counts: dict[str, int]) -> AdminNewsletter:
+def newsletter_out(
+    newsletter: Newsletter, counts: dict[str, int], settings: Settings
+) -> AdminNewsletter:
+    ttl = newsletter.confirmation_ttl_seconds or int(settings.confirmation_ttl.total_seconds())
     return AdminNewsletter(
         slug=newsletter.slug,
         name=newsletter.name,
@@ -44,7 +49,7 @@ def newsletter_out(newsletter: Newsletter, counts: dict[str, int]) -> AdminNewsl
         from_email=newsletter.from_email,
         reply_to=newsletter.reply_to,
         language=newsletter.language,
-        confirmation_ttl_seconds=newsletter.confirmation_ttl_seconds,
+        confirmation_ttl=ttl,
         redirect_after_signup=newsletter.redirect_after_signup,
         redirect_after_confirm=newsletter.redirect_after_confirm,
         allowed_origins=list(newsletter.allowed_origins or []),
@@ -54,6 +59,15 @@ def newsletter_out(newsletter: Newsletter, counts: dict[str, int]) -> AdminNewsl
     )
 
 
+def _fields(body: NewsletterFields, **dump: Any) -> dict[str, Any]:
+    """The body as the domain's fields: `confirmation_ttl` is kept in whole seconds."""
+    fields = body.model_dump(**dump)
+    if "confirmation_ttl" in fields:
+        ttl: timedelta | None = fields.pop("confirmation_ttl")
+        fields["confirmation_ttl_seconds"] = None if ttl is None else int(ttl.total_seconds())
+    return fields
+
+
 @router.post(
     "/newsletters",
     status_code=201,
@@ -61,26 +75,29 @@ def newsletter_out(newsletter: Newsletter, counts: dict[str, int]) -> AdminNewsl
     responses={**INVALID, **CONFLICT},
     summary="Create a newsletter",
 )
-async def create_newsletter(body: NewsletterCreate, db: DbDep, key: AdminKey) -> AdminNewsletter:
-    fields = body.model_dump(exclude_none=True, exclude={"slug", "name"})
+async def create_newsletter(
+    body: NewsletterCreate, db: DbDep, key: AdminKey, settings: SettingsDep
+) -> AdminNewsletter:
+    fields = _fields(body, exclude_none=True, exclude={"slug", "name"})
     async with db.transaction() as session:
         created = await newsletter_service.create_newsletter(
             session, body.slug, body.name, actor=actor(key), **fields
         )
-    return newsletter_out(created, {})
+    return newsletter_out(created, {}, settings)
 
 
 @router.get("/newsletters", response_model=NewsletterPage, summary="All newsletters")
 async def list_newsletters(
     db: DbDep,
     _key: ReadKey,
+    settings: SettingsDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     cursor: Annotated[str | None, Query(max_length=64)] = None,
 ) -> NewsletterPage:
     async with db.transaction() as session:
         found = await newsletter_service.list_with_counts(session, decode_cursor(cursor), limit)
     return NewsletterPage(
-        items=[newsletter_out(n.newsletter, n.counts) for n in found],
+        items=[newsletter_out(n.newsletter, n.counts, settings) for n in found],
         next_cursor=next_cursor([n.newsletter.id for n in found], limit),
     )
 
@@ -91,11 +108,13 @@ async def list_newsletters(
     responses=NOT_FOUND,
     summary="One newsletter",
 )
-async def get_newsletter(slug: Slug, db: DbDep, _key: ReadKey) -> AdminNewsletter:
+async def get_newsletter(
+    slug: Slug, db: DbDep, _key: ReadKey, settings: SettingsDep
+) -> AdminNewsletter:
     async with db.transaction() as session:
         newsletter = await newsletter_service.get_newsletter(session, slug)
         counts = await newsletter_service.status_counts(session, [newsletter.id])
-    return newsletter_out(newsletter, counts.get(newsletter.id, {}))
+    return newsletter_out(newsletter, counts.get(newsletter.id, {}), settings)
 
 
 @router.patch(
@@ -105,14 +124,14 @@ async def get_newsletter(slug: Slug, db: DbDep, _key: ReadKey) -> AdminNewslette
     summary="Update a newsletter",
 )
 async def update_newsletter(
-    slug: Slug, body: NewsletterFields, db: DbDep, key: AdminKey
+    slug: Slug, body: NewsletterFields, db: DbDep, key: AdminKey, settings: SettingsDep
 ) -> AdminNewsletter:
     async with db.transaction() as session:
         newsletter = await newsletter_service.update_newsletter(
-            session, slug, body.model_dump(exclude_unset=True), actor(key)
+            session, slug, _fields(body, exclude_unset=True), actor(key)
         )
         counts = await newsletter_service.status_counts(session, [newsletter.id])
-    return newsletter_out(newsletter, counts.get(newsletter.id, {}))
+    return newsletter_out(newsletter, counts.get(newsletter.id, {}), settings)
 
 
 @router.delete(
@@ -121,11 +140,13 @@ async def update_newsletter(
     responses=NOT_FOUND,
     summary="Archive a newsletter (hidden from readers; data kept)",
 )
-async def archive_newsletter(slug: Slug, db: DbDep, key: AdminKey) -> AdminNewsletter:
+async def archive_newsletter(
+    slug: Slug, db: DbDep, key: AdminKey, settings: SettingsDep
+) -> AdminNewsletter:
     async with db.transaction() as session:
         newsletter = await newsletter_service.archive_newsletter(session, slug, actor(key))
         counts = await newsletter_service.status_counts(session, [newsletter.id])
-    return newsletter_out(newsletter, counts.get(newsletter.id, {}))
+    return newsletter_out(newsletter, counts.get(newsletter.id, {}), settings)
 
 
 @router.get(

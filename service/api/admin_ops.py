@@ -22,6 +22,7 @@ from service.api.admin_schemas import (
     BlockCreate,
     BlockOut,
     BlockPage,
+    BlockPatch,
     DeliveryOut,
     DeliveryPage,
     EventOut,
@@ -102,10 +103,15 @@ async def create_webhook(body: WebhookCreate, db: DbDep, key: AdminKey) -> Webho
 @router.get(
     "/webhooks", response_model=WebhookPage, tags=["admin: webhooks"], summary="All webhooks"
 )
-async def list_webhooks(db: DbDep, _key: ReadKey) -> WebhookPage:
+async def list_webhooks(
+    db: DbDep, _key: ReadKey, cursor: Cursor = None, limit: Limit = 100
+) -> WebhookPage:
     async with db.transaction() as session:
-        hooks = await webhooks.list_webhooks(session)
-    return WebhookPage(items=[webhook_out(h) for h in hooks])
+        hooks = await webhooks.list_webhooks(session, decode_cursor(cursor), limit)
+    return WebhookPage(
+        items=[webhook_out(h) for h in hooks],
+        next_cursor=next_cursor([h.id for h in hooks], limit),
+    )
 
 
 @router.get(
@@ -214,6 +220,32 @@ async def list_blocks(
     return BlockPage(
         items=[block_out(e) for e in rows], next_cursor=next_cursor([e.id for e in rows], limit)
     )
+
+
+@router.get(
+    "/blocklist/{entry_id}",
+    response_model=BlockOut,
+    responses=NOT_FOUND,
+    tags=["admin: blocklist"],
+    summary="One blocklist entry",
+)
+async def get_block(entry_id: RowId, db: DbDep, _key: ReadKey) -> BlockOut:
+    async with db.transaction() as session:
+        return block_out(await suppression.get_block(session, entry_id))
+
+
+@router.patch(
+    "/blocklist/{entry_id}",
+    response_model=BlockOut,
+    responses={**NOT_FOUND, **INVALID},
+    tags=["admin: blocklist"],
+    summary="Change an entry's note",
+)
+async def update_block(entry_id: RowId, body: BlockPatch, db: DbDep, key: AdminKey) -> BlockOut:
+    async with db.transaction() as session:
+        return block_out(
+            await suppression.update_block_note(session, entry_id, body.note, actor(key))
+        )
 
 
 @router.delete(

@@ -2,15 +2,44 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 Public = Literal["pending", "active", "unsubscribed", "bounced"]
 
 
-class NewsletterFields(BaseModel):
+def _holds_nul(value: Any) -> bool:
+    """Whether a NUL character is anywhere in a decoded JSON value, keys included."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+class Input(BaseModel):
+    """A request body of the admin API: no text in it may hold a NUL character, which no
+    name or note needs and PostgreSQL refuses to store (a 500 otherwise)."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        if _holds_nul(value):
+            raise PydanticCustomError("nul_character", "Text may not hold NUL characters.")
+        return value
+
+
+class NewsletterFields(Input):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(default=None, max_length=200, examples=["The Weekly"])
@@ -22,8 +51,13 @@ class NewsletterFields(BaseModel):
     from_email: str | None = Field(default=None, max_length=320, examples=["weekly@example.com"])
     reply_to: str | None = Field(default=None, max_length=320, examples=["editor@example.com"])
     language: str | None = Field(default=None, max_length=16, examples=["en"])
-    confirmation_ttl_seconds: int | None = Field(
-        default=None, ge=60, le=90 * 86400, examples=[604800]
+    confirmation_ttl: timedelta | None = Field(
+        default=None,
+        # The contract's name; the column's name is still taken from older clients.
+        validation_alias=AliasChoices("confirmation_ttl", "confirmation_ttl_seconds"),
+        description="How long a confirmation link works: seconds or an ISO 8601 duration"
+        " (P7D), 60 seconds to 90 days; null puts the service default back.",
+        examples=[604800],
     )
     redirect_after_signup: str | None = Field(
         default=None, max_length=2000, examples=["https://example.com/thanks"]
@@ -50,7 +84,10 @@ class AdminNewsletter(BaseModel):
     from_email: str | None = Field(examples=["weekly@example.com"])
     reply_to: str | None = Field(default=None, examples=[None])
     language: str = Field(examples=["en"])
-    confirmation_ttl_seconds: int | None = Field(default=None, examples=[None])
+    confirmation_ttl: int = Field(
+        examples=[604800],
+        description="Seconds a confirmation link works (the service default unless set).",
+    )
     redirect_after_signup: str | None = None
     redirect_after_confirm: str | None = None
     allowed_origins: list[str] = Field(default_factory=list, examples=[["https://example.com"]])
@@ -145,7 +182,7 @@ class SubscriberOut(BaseModel):
     events: list[EventOut]
 
 
-class SubscriberCreate(BaseModel):
+class SubscriberCreate(Input):
     email: str = Field(max_length=320, examples=["reader@example.com"])
     newsletters: list[str] = Field(min_length=1, max_length=50, examples=[["weekly"]])
     status: Literal["active", "pending"] = Field(default="pending", examples=["active"])
@@ -157,7 +194,7 @@ class SubscriberCreate(BaseModel):
     attributes: dict[str, Any] | None = Field(default=None, examples=[{"plan": "free"}])
 
 
-class SubscriberPatch(BaseModel):
+class SubscriberPatch(Input):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(default=None, max_length=200, examples=["Ada Lovelace"])
@@ -165,7 +202,7 @@ class SubscriberPatch(BaseModel):
     attributes: dict[str, Any] | None = Field(default=None, examples=[{"plan": "pro"}])
 
 
-class SubscriptionPut(BaseModel):
+class SubscriptionPut(Input):
     status: Literal["active", "unsubscribed"] = Field(examples=["unsubscribed"])
     consent_note: str | None = Field(
         default=None, max_length=500, examples=["Asked by phone on 2026-11-20"]
@@ -182,19 +219,28 @@ class EventPage(BaseModel):
     next_cursor: str | None = Field(default=None, examples=["NDI"])
 
 
-class WebhookCreate(BaseModel):
+# "events" is what most webhook APIs call the list (GitHub, listmonk): taken as well.
+EVENT_TYPES_FIELD = AliasChoices("event_types", "events")
+
+
+class WebhookCreate(Input):
     url: str = Field(max_length=2000, examples=["https://crm.example.com/hooks/newsletter"])
     event_types: list[str] = Field(
-        min_length=1, max_length=10, examples=[["subscription.confirmed"]]
+        min_length=1,
+        max_length=10,
+        validation_alias=EVENT_TYPES_FIELD,
+        examples=[["subscription.confirmed"]],
     )
     secret: str | None = Field(default=None, min_length=16, max_length=100, examples=[None])
 
 
-class WebhookPatch(BaseModel):
+class WebhookPatch(Input):
     model_config = ConfigDict(extra="forbid")
 
     url: str | None = Field(default=None, max_length=2000)
-    event_types: list[str] | None = Field(default=None, min_length=1, max_length=10)
+    event_types: list[str] | None = Field(
+        default=None, min_length=1, max_length=10, validation_alias=EVENT_TYPES_FIELD
+    )
     active: bool | None = Field(default=None, examples=[False])
 
 
@@ -229,10 +275,20 @@ class DeliveryPage(BaseModel):
     next_cursor: str | None = None
 
 
-class BlockCreate(BaseModel):
-    kind: Literal["address", "domain"] = Field(examples=["domain"])
+class BlockCreate(Input):
+    kind: Literal["address", "domain"] | None = Field(
+        default=None,
+        examples=["domain"],
+        description="Left out: an address when the value holds an @, else a domain.",
+    )
     value: str = Field(max_length=320, examples=["spam.example"])
     note: str = Field(default="", max_length=500, examples=["Throwaway domain"])
+
+
+class BlockPatch(Input):
+    model_config = ConfigDict(extra="forbid")
+
+    note: str = Field(max_length=500, examples=["Throwaway domain, seen in May"])
 
 
 class BlockOut(BaseModel):

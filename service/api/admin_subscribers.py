@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
@@ -31,6 +32,7 @@ from service.api.admin_schemas import (
     SubscriptionState,
 )
 from service.api.deps import AdminKey, DbDep, ReadKey, SettingsDep
+from service.errors import FieldError, InvalidInput
 from service.mail.render import Links
 from service.models import Status
 from service.subscribers import SubscriberDetail
@@ -89,6 +91,13 @@ def detail_out(detail: SubscriberDetail, links: Links) -> SubscriberOut:
     )
 
 
+def _utc(moment: datetime | None) -> datetime | None:
+    """A time without a zone is taken as UTC, the zone of every stored time."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=UTC)
+
+
 @router.get("", response_model=SubscriberPage, summary="Search subscribers")
 async def search_subscribers(
     db: DbDep,
@@ -96,15 +105,27 @@ async def search_subscribers(
     email: Annotated[str | None, Query(max_length=320, description="Address prefix")] = None,
     newsletter: Annotated[str | None, Query(max_length=64)] = None,
     status: Annotated[Status | None, Query()] = None,
+    created_after: Annotated[
+        datetime | None,
+        Query(description="Created at or after this time (ISO 8601; a date is its midnight UTC)"),
+    ] = None,
+    created_before: Annotated[
+        datetime | None, Query(description="Created before this time (ISO 8601)")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(max_length=600)] = None,
 ) -> SubscriberPage:
+    if email is not None and "\x00" in email:
+        # No address holds one, and PostgreSQL refuses it in a query parameter.
+        raise InvalidInput([FieldError("email", "invalid", "An address prefix has no NUL.")])
     async with db.transaction() as session:
         rows = await subscriber_service.search_subscribers(
             session,
             email_prefix=email,
             newsletter=newsletter,
             status=status.value if status else None,
+            created_after=_utc(created_after),
+            created_before=_utc(created_before),
             limit=limit,
             after=decode_any_cursor(cursor),
         )

@@ -106,5 +106,7 @@ async def read_fields(
     try:
         form = await request.form(max_files=0, max_fields=200, max_part_size=limit)
     except Exception as exc:  # multipart errors come in several library types
+        if "files" in str(exc):  # Starlette's "Too many files": a file part, max_files=0
+            raise MalformedBody("A sign-up takes text fields only, no files.") from exc
         raise MalformedBody("Malformed multipart body.") from exc
     return _collect(list(form.multi_items()), list_fields)

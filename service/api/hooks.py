@@ -14,11 +14,11 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
-from service import bounces
+from service import bounces, keys
 from service.api.bodies import MalformedBody, read_capped
 from service.api.deps import DbDep, SettingsDep
 from service.api.schemas import problem_response
-from service.errors import NotFound, Unauthorized
+from service.errors import Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ MAX_HOOK_BODY = 1024 * 1024
 
 
 class HookSecretRequired(Unauthorized):
-    title = "A valid webhook secret is required"
+    title = "A valid webhook secret or admin API key is required"
 
 
 class BounceCounts(BaseModel):
@@ -60,13 +60,22 @@ def _offered_secrets(request: Request) -> list[str]:
     return offered
 
 
-async def _check_secret(request: Request, settings: SettingsDep) -> None:
+async def _check_secret(request: Request, settings: SettingsDep, db: DbDep) -> None:
+    """The provider's shared secret (BOUNCE_WEBHOOK_SECRET, when set) or, as on the admin
+    API, `Authorization: Bearer` with an admin-scope key (a read key is 403)."""
     secret = settings.bounce_webhook_secret
-    if not secret:
-        raise NotFound("The bounce intake is not configured.")
-    expected = secret.encode()
-    if not any(hmac.compare_digest(o.encode(), expected) for o in _offered_secrets(request)):
-        raise HookSecretRequired()
+    if secret:
+        expected = secret.encode()
+        if any(hmac.compare_digest(o.encode(), expected) for o in _offered_secrets(request)):
+            return
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        async with db.transaction() as session:
+            # Only the header: a key in ?token= would end up in proxies' access logs.
+            with contextlib.suppress(Unauthorized):
+                await keys.authenticate(session, value.strip(), need_write=True)
+                return
+    raise HookSecretRequired()
 
 
 HookSecret = Annotated[None, Depends(_check_secret)]
@@ -77,16 +86,16 @@ HOOK_RESPONSES: dict[int | str, dict[str, Any]] = {
         {"type": "about:blank#malformed_body", "title": "The request body could not be read"},
     ),
     401: problem_response(
-        "No valid secret",
+        "Neither the webhook secret nor an admin API key",
         {
             "type": "about:blank#unauthorized",
             "title": HookSecretRequired.title,
             "status": 401,
         },
     ),
-    404: problem_response(
-        "Intake switched off (no NEWSLETTER_BOUNCE_WEBHOOK_SECRET)",
-        {"type": "about:blank#not_found", "title": "Not found", "status": 404},
+    403: problem_response(
+        "A read-scope API key",
+        {"type": "about:blank#forbidden", "title": "This API key may not do that", "status": 403},
     ),
     413: problem_response(
         "Body too large",

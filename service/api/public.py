@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from service import botcheck, subscriptions
 from service.address_quality import AddressQuality
 from service.api import pages
-from service.api.bodies import read_fields, wants_html
+from service.api.bodies import MalformedBody, read_fields, wants_html
 from service.api.deps import DbDep, SettingsDep, client_ip, consent_from, wake_worker
 from service.api.schemas import (
     SIGNUP_BODY,
@@ -26,7 +26,7 @@ from service.api.schemas import (
 from service.botcheck import ChallengeUnavailable, ChallengeVerifier
 from service.config import Settings
 from service.db import Database
-from service.errors import FieldError, InvalidInput, problem
+from service.errors import FieldError, InvalidInput, PayloadTooLarge, problem
 from service.observability import SIGNUPS
 from service.origins import safe_redirect
 from service.ratelimit import RATE_LIMITED, SignupLimiter
@@ -140,6 +140,13 @@ async def create_subscription(request: Request) -> Response:
         SIGNUP_OUTCOMES["invalid"].inc()
         if html:
             return await pages.signup_form_again(request, db, fields, exc)
+        raise
+    except (PayloadTooLarge, MalformedBody) as exc:
+        if html:  # a browser form post gets a page, with the status a script would get
+            error = FieldError("form", exc.code, f"{exc.title}: {exc.detail or exc.code}")
+            page = await pages.signup_form_again(request, db, {}, InvalidInput([error]))
+            page.status_code = exc.status
+            return page
         raise
     except ChallengeUnavailable as exc:
         SIGNUP_OUTCOMES["unavailable"].inc()
