@@ -459,24 +459,41 @@ class ImportProgress:
     skipped: int = 0
     rejected: int = 0
     report: list[dict[str, Any]] = field(default_factory=list)
-    listed_rejected: int = 0
-    listed_skipped: int = 0
 
-    def note(self, outcome: str, entries: Sequence[tuple[int, str]]) -> bool:
-        """Count rows not imported and list the first ones; True if the list grew."""
-        if outcome == "skipped":
-            self.skipped += len(entries)
-            room = MAX_REPORTED - self.listed_skipped
-        else:
-            self.rejected += len(entries)
-            room = MAX_REPORTED - self.listed_rejected
-        listed = sorted(entries)[: max(room, 0)]
-        self.report.extend({"line": n, "reason": r, "outcome": outcome} for n, r in listed)
-        if outcome == "skipped":
-            self.listed_skipped += len(listed)
-        else:
-            self.listed_rejected += len(listed)
-        return bool(listed)
+    def after(
+        self,
+        seen: int,
+        imported: int,
+        rejected: Sequence[tuple[int, str]],
+        skipped: Sequence[tuple[int, str]],
+    ) -> tuple[ImportProgress, bool]:
+        """This progress with one more chunk counted; True if the listed rows changed.
+
+        Chunks written on several connections commit in any order: the report keeps the
+        first MAX_REPORTED rejected and the first MAX_REPORTED skipped rows by line number,
+        as one connection committing the chunks in file order does.
+        """
+        report = self.report
+        if rejected or skipped:
+            entries = [
+                {"line": n, "reason": r, "outcome": outcome}
+                for outcome, rows in (("rejected", rejected), ("skipped", skipped))
+                for n, r in sorted(rows)[:MAX_REPORTED]
+            ]
+            room = {"rejected": MAX_REPORTED, "skipped": MAX_REPORTED}
+            report = []
+            for entry in sorted([*self.report, *entries], key=lambda e: int(e["line"])):
+                if room[entry["outcome"]] > 0:
+                    room[entry["outcome"]] -= 1
+                    report.append(entry)
+        progress = ImportProgress(
+            self.total + seen,
+            self.imported + imported,
+            self.skipped + len(skipped),
+            self.rejected + len(rejected),
+            report,
+        )
+        return progress, report != self.report
 
 
 @dataclass
@@ -631,49 +648,137 @@ async def _process(
 ) -> None:
     active = job.status == Status.active.value
     size = chunk_rows or (ACTIVE_CHUNK_ROWS if active else PENDING_CHUNK_ROWS)
-    progress = ImportProgress()
-    # The next chunk is parsed in a thread while this one is written: the database and
-    # Python work side by side, and the event loop stays free for requests.
+    # SQLite has one writer; PostgreSQL can write chunks on several connections (and cores).
+    connections = 1 if db.is_sqlite else settings.import_connections
+    committed = _Committed(ImportProgress(), asyncio.Lock(), on_progress)
+    writing: dict[asyncio.Task[None], frozenset[str]] = {}
+    # The next chunk is parsed in a thread while the last ones are written: the database
+    # and Python work side by side, and the event loop stays free for requests.
     upcoming = asyncio.ensure_future(asyncio.to_thread(reader.read_chunk, size))
     try:
         while (chunk := await upcoming) is not None:
+            keys = frozenset(r.address.key for r in chunk.rows)
+            # A chunk holding an address of a chunk still being written waits for it: the
+            # address's first row in the file decides, as with one connection, and two
+            # chunks never wait on each other's rows.
+            while len(writing) >= connections or any(
+                not keys.isdisjoint(k) for k in writing.values()
+            ):
+                await _settle(writing)
+            task = asyncio.create_task(_write_chunk(db, settings, job, chunk, committed))
+            writing[task] = keys
             upcoming = asyncio.ensure_future(asyncio.to_thread(reader.read_chunk, size))
-            async with db.transaction() as session:
-                now = utcnow()
-                if active:
-                    imported, skipped = await _write_active(session, job, chunk.rows, now)
-                else:
-                    imported, skipped = await _write_pending(
-                        session, settings, job, chunk.rows, now
-                    )
-                progress.total += chunk.seen
-                progress.imported += imported
-                listed = progress.note("rejected", chunk.rejected)
-                listed = progress.note("skipped", chunk.skipped + skipped) or listed
-                values: dict[str, Any] = {
-                    "rows_total": progress.total,
-                    "rows_imported": progress.imported,
-                    "rows_skipped": progress.skipped,
-                    "rows_rejected": progress.rejected,
-                    "leased_until": now + LEASE,
-                }
-                if listed:
-                    values["rejected"] = list(progress.report)
-                await session.execute(
-                    update(ImportJob)
-                    .where(ImportJob.id == job.id)
-                    .values(**values)
-                    .execution_options(synchronize_session=False)
-                )
-            if on_progress is not None:
-                result = on_progress(progress)
-                if result is not None:
-                    await result
+        while writing:
+            await _settle(writing)
+    except BaseException as exc:
+        # No chunk outlives the import: on cancellation those not committed roll back; on
+        # an error they end as they would. The job's counters hold the committed ones.
+        if isinstance(exc, asyncio.CancelledError):
+            for task in writing:
+                task.cancel()
+        await asyncio.gather(*writing, return_exceptions=True)
+        raise
     finally:
         # A thread cannot be cancelled: let the read in flight end before the file closes.
         if not upcoming.done():
             with contextlib.suppress(Exception):
                 await upcoming
+
+
+async def _settle(writing: dict[asyncio.Task[None], frozenset[str]]) -> None:
+    """Wait for a chunk being written to end. If one failed, the others in flight still
+    end (each commits or rolls back whole), then its error stops the import."""
+    done, _ = await asyncio.wait(writing, return_when=asyncio.FIRST_COMPLETED)
+    for task in done:
+        del writing[task]
+    failed = [task for task in done if task.exception() is not None]
+    if failed:
+        await asyncio.gather(*writing, return_exceptions=True)
+        writing.clear()
+        failed[0].result()  # raises the chunk's error
+
+
+@dataclass
+class _Committed:
+    """What the committed chunks add up to; one chunk at a time commits and adds to it."""
+
+    progress: ImportProgress
+    turn: asyncio.Lock
+    on_progress: ProgressCallback | None
+
+
+# SQLSTATEs of a transaction PostgreSQL aborted to let another go on: the chunk is written
+# again. Concurrent chunks never share an address, but a sign-up can meet an import's row.
+RETRY_SQLSTATES = frozenset({"40P01", "40001"})  # deadlock_detected, serialization_failure
+CHUNK_ATTEMPTS = 5
+
+
+def _retryable(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        for candidate in (seen, getattr(seen, "orig", None)):
+            if getattr(candidate, "sqlstate", None) in RETRY_SQLSTATES:
+                return True
+        seen = seen.__cause__
+    return False
+
+
+async def _write_chunk(
+    db: Database, settings: Settings, job: _Job, chunk: _Chunk, committed: _Committed
+) -> None:
+    """One chunk in one transaction, with the job's counters; again if PostgreSQL chose it
+    as a deadlock's victim (nothing of it was committed)."""
+    for attempt in range(1, CHUNK_ATTEMPTS + 1):
+        try:
+            await _write_chunk_once(db, settings, job, chunk, committed)
+            return
+        except Exception as exc:
+            if attempt == CHUNK_ATTEMPTS or not _retryable(exc):
+                raise
+            log.warning("import %s: a chunk was rolled back (%s); writing it again", job.id, exc)
+
+
+async def _write_chunk_once(
+    db: Database, settings: Settings, job: _Job, chunk: _Chunk, committed: _Committed
+) -> None:
+    has_turn = False
+    try:
+        async with db.transaction() as session:
+            now = utcnow()
+            if job.status == Status.active.value:
+                imported, skipped = await _write_active(session, job, chunk.rows, now)
+            else:
+                imported, skipped = await _write_pending(session, settings, job, chunk.rows, now)
+            # The job row is updated and committed by one chunk at a time, with the sums of
+            # the chunks committed before it: it always says exactly what is committed.
+            await committed.turn.acquire()
+            has_turn = True
+            progress, listed = committed.progress.after(
+                chunk.seen, imported, chunk.rejected, chunk.skipped + skipped
+            )
+            values: dict[str, Any] = {
+                "rows_total": progress.total,
+                "rows_imported": progress.imported,
+                "rows_skipped": progress.skipped,
+                "rows_rejected": progress.rejected,
+                "leased_until": utcnow() + LEASE,
+            }
+            if listed:
+                values["rejected"] = list(progress.report)
+            await session.execute(
+                update(ImportJob)
+                .where(ImportJob.id == job.id)
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            )
+        committed.progress = progress
+        if committed.on_progress is not None:
+            result = committed.on_progress(progress)
+            if result is not None:
+                await result
+    finally:
+        if has_turn:
+            committed.turn.release()
 
 
 async def _refused(
