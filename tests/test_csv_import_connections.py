@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -229,3 +230,94 @@ async def test_a_chunk_chosen_as_a_deadlock_victim_is_written_again(
         assert await session.scalar(select(func.count()).select_from(Subscription)) == 2
         confirmed = select(func.count()).where(Event.type == "subscription.confirmed")
         assert await session.scalar(confirmed) == 2
+
+
+async def _held_import(
+    db: Database, settings: Settings, tmp_path: Path
+) -> tuple[int, Database, Any, asyncio.Future[ImportJob]]:
+    """An import on two connections whose first chunk waits on a row another transaction
+    holds, once its two other chunks have committed: (job id, the other database, its
+    holding session context, the running import)."""
+    await make_newsletter(db, "weekly")
+    path = tmp_path / "list.csv"
+    path.write_text(
+        "email\na@example.com\nheld@example.com\nc@example.com\nd@example.com\n"
+        "e@example.com\nf@example.com\n"
+    )
+    other = Database(settings)
+    holding = other.transaction()
+    session = await holding.__aenter__()
+    await session.execute(_subscriber_row("held@example.com"))
+    job_id = await _create(db, path)
+    configured = settings.model_copy(update={"import_connections": 2})
+    importing = asyncio.ensure_future(csv_import.run_import(db, configured, job_id, chunk_rows=2))
+    for _ in range(200):
+        if await _counters(db, job_id) == (4, 4, 0, 0):
+            break
+        await asyncio.sleep(0.05)
+    assert await _counters(db, job_id) == (4, 4, 0, 0)
+    return job_id, other, (holding, session), importing
+
+
+async def _committed(db: Database) -> tuple[int, int]:
+    async with db.transaction() as session:
+        subscriptions = await session.scalar(select(func.count()).select_from(Subscription))
+        confirmed = await session.scalar(
+            select(func.count()).where(Event.type == "subscription.confirmed")
+        )
+        return int(subscriptions or 0), int(confirmed or 0)
+
+
+async def test_a_cancelled_import_keeps_whole_chunks_and_counters_that_say_so(
+    db: Database, settings: Settings, tmp_path: Path
+) -> None:
+    """Cancelled with a chunk in flight: that chunk rolls back, the committed ones stay, the
+    counters say exactly that, and the job is left to its lease (reported as interrupted)."""
+    if db.is_sqlite:
+        pytest.skip("SQLite has one writer: its import uses one connection")
+    job_id, other, (holding, session), importing = await _held_import(db, settings, tmp_path)
+    try:
+        importing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await importing
+        await session.rollback()
+        await holding.__aexit__(None, None, None)
+    finally:
+        await other.dispose()
+    assert await _counters(db, job_id) == (4, 4, 0, 0)
+    assert await _committed(db) == (4, 4)
+    async with db.transaction() as session:
+        later = utcnow() + csv_import.LEASE + timedelta(seconds=1)
+        assert await csv_import.fail_interrupted(session, later) == 1
+    async with db.transaction() as session:
+        job = await session.get_one(ImportJob, job_id)
+        assert (job.status, job.rows_imported) == ("failed", 4)
+
+
+async def test_a_chunk_that_fails_fails_the_job_after_the_others_end(
+    db: Database, settings: Settings, tmp_path: Path
+) -> None:
+    """The connection of a chunk in flight dies: the job fails with an internal error, and
+    its counters are what the chunks that committed wrote."""
+    if db.is_sqlite:
+        pytest.skip("SQLite has one writer: its import uses one connection")
+    job_id, other, (holding, session), importing = await _held_import(db, settings, tmp_path)
+    try:
+        ended = await session.scalar(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+        )
+        assert ended
+        with pytest.raises(Exception):  # noqa: B017 - whatever the driver raises for it
+            await importing
+        await session.rollback()
+        await holding.__aexit__(None, None, None)
+    finally:
+        await other.dispose()
+    async with db.transaction() as session:
+        job = await session.get_one(ImportJob, job_id)
+        assert (job.status, job.error) == ("failed", "The import stopped on an internal error.")
+        assert (job.rows_total, job.rows_imported) == (4, 4)
+    assert await _committed(db) == (4, 4)
