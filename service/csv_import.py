@@ -1023,7 +1023,7 @@ async def _write_active_pg(
     await driver.execute("SET LOCAL jit = off")
     await driver.execute(PG_STAGING)
     await driver.copy_records_to_table(
-        "import_rows",
+        "import_chunk",
         records=[
             (
                 r.line,
@@ -1143,6 +1143,8 @@ SELECT 'subscription.confirmed', value, :newsletter_id, :actor, NULL, :data, :no
 FROM json_each(:subscriber_ids)
 """
 # PostgreSQL's active import: a temporary table per connection, emptied by every commit.
+# (Named import_chunk since its domains column became text: a session that made the older
+# import_rows, with domains text[], never meets this definition.)
 STAGING_COLUMNS = [
     "line",
     "public_id",
@@ -1155,7 +1157,7 @@ STAGING_COLUMNS = [
     "domains",
 ]
 PG_STAGING = """
-CREATE TEMPORARY TABLE IF NOT EXISTS import_rows (
+CREATE TEMPORARY TABLE IF NOT EXISTS import_chunk (
     line integer NOT NULL, public_id text NOT NULL, email text NOT NULL,
     email_key text NOT NULL, name text, language text, attributes text NOT NULL,
     email_hash text NOT NULL, domains text NOT NULL
@@ -1170,13 +1172,13 @@ SELECT r.line,
                          WHERE b.kind = 'domain'
                            AND b.value = ANY(string_to_array(r.domains, ' ')))
             THEN 'blocked' ELSE 'suppressed' END
-FROM import_rows r
+FROM import_chunk r
 WHERE EXISTS (SELECT 1 FROM blocklist b WHERE b.kind = 'address' AND b.value = r.email_key)
    OR EXISTS (SELECT 1 FROM blocklist b
               WHERE b.kind = 'domain' AND b.value = ANY(string_to_array(r.domains, ' ')))
    OR EXISTS (SELECT 1 FROM suppressions s WHERE s.email_hash = r.email_hash)
 """
-PG_DROP_STAGED = "DELETE FROM import_rows WHERE line = ANY($1::integer[])"
+PG_DROP_STAGED = "DELETE FROM import_chunk WHERE line = ANY($1::integer[])"
 # _insert_subscribers() and _subscribe_active() in one statement. Its parts share one
 # snapshot: `existing` sees the subscribers from before the statement, `created` the new
 # ones; a row in neither (an address written or erased by someone else meanwhile) comes
@@ -1187,13 +1189,13 @@ WITH created AS (
     INSERT INTO subscribers
         (public_id, email, email_key, name, language, attributes, created_at, updated_at)
     SELECT public_id, email, email_key, name, language, CAST(attributes AS json), $1, $1
-    FROM import_rows ORDER BY line
+    FROM import_chunk ORDER BY line
     ON CONFLICT (email_key) DO NOTHING
     RETURNING id, email_key
 ), existing AS (
     SELECT r.line, s.id AS subscriber_id, sub.status, sub.consent_source,
            sub.consent_user_agent
-    FROM import_rows r
+    FROM import_chunk r
     LEFT JOIN subscribers s ON s.email_key = r.email_key
     LEFT JOIN subscriptions sub ON sub.subscriber_id = s.id AND sub.newsletter_id = $2
     WHERE NOT EXISTS (SELECT 1 FROM created c WHERE c.email_key = r.email_key)
@@ -1220,7 +1222,7 @@ WITH created AS (
     -- A sign-up that landed between the read and the write keeps its own subscription.
     SELECT coalesce(r.line, e.line), w.subscriber_id, 'active', NULL, NULL
     FROM wanted w
-    LEFT JOIN import_rows r ON r.email_key = w.email_key
+    LEFT JOIN import_chunk r ON r.email_key = w.email_key
     LEFT JOIN existing e ON w.email_key IS NULL AND e.subscriber_id = w.subscriber_id
     WHERE NOT EXISTS (SELECT 1 FROM added a WHERE a.subscriber_id = w.subscriber_id)
 )
