@@ -109,6 +109,14 @@ class Settings(BaseSettings):
     db_max_overflow: int = Field(
         default=10, description="Extra PostgreSQL connections allowed under load."
     )
+    import_connections: int = Field(
+        default=2,
+        ge=1,
+        le=16,
+        description=(
+            "PostgreSQL connections a CSV import writes its chunks on at once (SQLite: 1)."
+        ),
+    )
     sqlite_pool_size: int = Field(
         default=1, description="SQLite connections per process (it has one writer)."
     )

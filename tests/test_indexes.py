@@ -55,3 +55,37 @@ async def test_query_is_served_by_an_index(
             row[0] for row in (await session.execute(text("EXPLAIN " + QUERIES[name]))).all()
         )
     assert "Seq Scan" not in plan, plan
+
+
+async def test_one_unique_index_serves_addresses_and_prefix_search(
+    db: Database, test_database: TestDatabase
+) -> None:
+    """Every new subscriber writes one email_key index entry, not two: the unique index has
+    pattern ops, and ON CONFLICT (email_key) still finds it as its arbiter."""
+    if test_database.backend != "postgresql":
+        pytest.skip("operator classes are PostgreSQL's")
+    async with db.transaction() as session:
+        indexes = (
+            await session.execute(
+                text(
+                    "SELECT indexname, indexdef FROM pg_indexes "
+                    "WHERE tablename = 'subscribers' AND indexdef LIKE '%(email_key%'"
+                )
+            )
+        ).all()
+        plan = "\n".join(
+            row[0]
+            for row in (
+                await session.execute(
+                    text(
+                        "EXPLAIN INSERT INTO subscribers (public_id, email, email_key, "
+                        "attributes, created_at, updated_at) VALUES ('p', 'a', 'a', '{}', "
+                        "now(), now()) ON CONFLICT (email_key) DO NOTHING"
+                    )
+                )
+            ).all()
+        )
+    assert len(indexes) == 1, indexes
+    name, definition = indexes[0]
+    assert "UNIQUE" in definition and "varchar_pattern_ops" in definition, definition
+    assert f"Conflict Arbiter Indexes: {name}" in plan, plan
