@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, text
 
-from service import csv_import, suppression
+from service import csv_import, suppression, tokens
 from service.config import Settings
 from service.db import Database
 from service.models import BlockedEntry, Event, ImportJob, Subscriber, Subscription, utcnow
@@ -46,7 +46,7 @@ async def _counters(db: Database, job_id: int) -> tuple[int, int, int, int]:
 
 def _subscriber_row(email_key: str) -> Any:
     return Subscriber.__table__.insert().values(
-        public_id=csv_import.new_public_ids(1)[0],
+        public_id=tokens.new_public_ids(1)[0],
         email=email_key,
         email_key=email_key,
         attributes={},
