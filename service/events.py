@@ -74,7 +74,7 @@ async def record(
         await bulk.insert_many(conn, [(table(Event), rows), *along])
         return
     await bulk.insert_many(conn, along)
-    result = await (await session.connection()).execute(
+    result = await conn.execute(
         insert(table(Event)).returning(
             table(Event).c.id, table(Event).c.type, sort_by_parameter_order=True
         ),
@@ -97,7 +97,7 @@ async def record(
         for hook_id, types in wanted
         if event_type in types
     ]
-    await (await session.connection()).execute(insert(table(OutboxMessage)), calls)
+    await conn.execute(insert(table(OutboxMessage)), calls)
 
 
 async def feed(

@@ -22,8 +22,8 @@ def hash_token(token: str) -> str:
 
 
 def new_confirmation_tokens(count: int) -> list[tuple[str, str]]:
-    """`count` of what new_confirmation_token() gives, from one read of the random source
-    (a read per token was a tenth of a sign-up batch's own CPU)."""
+    """`count` of what new_confirmation_token() gives: one read of the random source for
+    them all (a sign-up batch makes up to 64), not one system call per token."""
     raw = os.urandom(32 * count)
     return [
         (token, hash_token(token))
