@@ -137,7 +137,11 @@ class Settings(BaseSettings):
             "batch held (0 = never wait; an idle service never waits)."
         ),
     )
-    db_echo: bool = Field(default=False, description="Log every SQL statement (debugging).")
+    db_echo: bool = Field(
+        default=False,
+        description="Log every SQL statement (debugging). On SQLite the sign-up batch's "
+        "multi-row inserts go to the driver directly and are not logged.",
+    )
     bounce_webhook_secret: str = Field(
         default="",
         description="Shared secret of POST /v1/hooks/bounces (Bearer, Basic or ?token=), for"
