@@ -280,3 +280,20 @@ async def make_newsletter(db: Database, slug: str = "weekly", **kwargs: Any) -> 
 
     async with db.transaction() as session:
         await create_newsletter(session, slug, kwargs.pop("name", slug.title()), **kwargs)
+
+
+async def active_import_job(db: Database, path: Path, actor: str = "cli") -> int:
+    """A new job importing `path` as active subscribers of `weekly`; its id."""
+    from service import csv_import
+
+    async with db.transaction() as session:
+        job = await csv_import.create_import(
+            session,
+            newsletter_slug="weekly",
+            status="active",
+            consent_note="paper form",
+            path=path,
+            filename=path.name,
+            actor=actor,
+        )
+    return job.id

@@ -35,7 +35,14 @@ from service.models import (
     utcnow,
 )
 from service.subscribers import add_subscriber
-from tests.conftest import SMTPServer, child_env, deliver, make_newsletter, truncate_all
+from tests.conftest import (
+    SMTPServer,
+    active_import_job,
+    child_env,
+    deliver,
+    make_newsletter,
+    truncate_all,
+)
 
 NEWSLETTER_CMD = str(Path(sys.executable).with_name("newsletter"))
 HEADER = (
@@ -608,17 +615,8 @@ async def test_rows_repeated_across_chunks_are_duplicates_and_a_rerun_changes_no
     path.write_text("email\na@example.com\nb@example.com\nc@example.com\nA@example.com\n")
 
     async def run() -> ImportJob:
-        async with db.transaction() as session:
-            job = await csv_import.create_import(
-                session,
-                newsletter_slug="weekly",
-                status="active",
-                consent_note="paper form",
-                path=path,
-                filename="list.csv",
-                actor="cli",
-            )
-        return await csv_import.run_import(db, settings, job.id, chunk_rows=2)
+        job_id = await active_import_job(db, path)
+        return await csv_import.run_import(db, settings, job_id, chunk_rows=2)
 
     first = await run()
     assert (first.status, first.rows_imported, first.rows_skipped) == ("done", 3, 1)
@@ -696,17 +694,7 @@ async def _job_and_rows(
 ) -> tuple[Any, list[Any]]:
     """The import job for `content` and its rows, read as run_import reads them."""
     path.write_text(content)
-    async with db.transaction() as session:
-        created = await csv_import.create_import(
-            session,
-            newsletter_slug="weekly",
-            status="active",
-            consent_note="paper form",
-            path=path,
-            filename=path.name,
-            actor="key:ops",
-        )
-    job = await csv_import._claim(db, created.id)
+    job = await csv_import._claim(db, await active_import_job(db, path, actor="key:ops"))
     reader = csv_import._Reader(path, settings.max_attributes_bytes)
     try:
         reader.read_header()

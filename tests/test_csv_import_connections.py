@@ -16,25 +16,11 @@ from service import csv_import, suppression, tokens
 from service.config import Settings
 from service.db import Database
 from service.models import BlockedEntry, Event, ImportJob, Subscriber, Subscription, utcnow
-from tests.conftest import make_newsletter, truncate_all
-
-
-async def _create(db: Database, path: Path) -> int:
-    async with db.transaction() as session:
-        job = await csv_import.create_import(
-            session,
-            newsletter_slug="weekly",
-            status="active",
-            consent_note="paper form",
-            path=path,
-            filename=path.name,
-            actor="key:ops",
-        )
-        return job.id
+from tests.conftest import active_import_job, make_newsletter, truncate_all
 
 
 async def _import(db: Database, settings: Settings, path: Path, chunk_rows: int) -> ImportJob:
-    job_id = await _create(db, path)
+    job_id = await active_import_job(db, path, actor="key:ops")
     return await csv_import.run_import(db, settings, job_id, chunk_rows=chunk_rows)
 
 
@@ -171,7 +157,7 @@ async def test_a_chunk_waiting_on_a_row_does_not_hold_back_the_next_ones(
     try:
         async with other.transaction() as holding:
             await holding.execute(_subscriber_row("held@example.com"))
-            job_id = await _create(db, path)
+            job_id = await active_import_job(db, path, actor="key:ops")
             importing = asyncio.ensure_future(
                 csv_import.run_import(db, configured, job_id, chunk_rows=2)
             )
@@ -248,7 +234,7 @@ async def _held_import(
     holding = other.transaction()
     session = await holding.__aenter__()
     await session.execute(_subscriber_row("held@example.com"))
-    job_id = await _create(db, path)
+    job_id = await active_import_job(db, path, actor="key:ops")
     configured = settings.model_copy(update={"import_connections": 2})
     importing = asyncio.ensure_future(csv_import.run_import(db, configured, job_id, chunk_rows=2))
     for _ in range(200):
