@@ -134,10 +134,8 @@ async def test_subscriber_search_takes_a_created_range(
 # ---------------------------------------------------------------- hostile input
 
 
-async def test_nul_characters_in_admin_input_are_a_422_not_a_500(
-    client: httpx.AsyncClient, db: Database
-) -> None:
-    """PostgreSQL refuses NUL in text: every admin input says so as a field error first."""
+async def _reader_on_weekly(client: httpx.AsyncClient, db: Database) -> tuple[dict[str, str], str]:
+    """An admin key, and the id of a reader added by it, active on single opt-in `weekly`."""
     await make_newsletter(db, "weekly", opt_in="single")
     admin = await make_key(db)
     added = await client.post(
@@ -146,12 +144,19 @@ async def test_nul_characters_in_admin_input_are_a_422_not_a_500(
             "email": "reader@example.com",
             "newsletters": ["weekly"],
             "status": "active",
-            "consent_note": "phone",
+            "consent_note": "asked in person",
         },
         headers=admin,
     )
     assert added.status_code == 201, added.text
-    person = added.json()["id"]
+    return admin, added.json()["id"]
+
+
+async def test_nul_characters_in_admin_input_are_a_422_not_a_500(
+    client: httpx.AsyncClient, db: Database
+) -> None:
+    """PostgreSQL refuses NUL in text: every admin input says so as a field error first."""
+    admin, person = await _reader_on_weekly(client, db)
     requests = [
         ("GET", "/v1/admin/subscribers?email=%00", None),
         ("GET", "/v1/admin/subscribers?email=re%00", None),
@@ -469,19 +474,7 @@ async def test_every_admin_list_is_cursor_paginated(
 async def test_setting_a_subscription_on_an_unknown_newsletter_is_404(
     client: httpx.AsyncClient, db: Database
 ) -> None:
-    await make_newsletter(db, "weekly", opt_in="single")
-    admin = await make_key(db)
-    added = await client.post(
-        "/v1/admin/subscribers",
-        json={
-            "email": "reader@example.com",
-            "newsletters": ["weekly"],
-            "status": "active",
-            "consent_note": "asked in person",
-        },
-        headers=admin,
-    )
-    person = added.json()["id"]
+    admin, person = await _reader_on_weekly(client, db)
     answer = await client.put(
         f"/v1/admin/subscribers/{person}/subscriptions/nope",
         json={"status": "active"},
