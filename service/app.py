@@ -125,8 +125,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
 
     app.add_middleware(RequestMetrics)
-    app.include_router(operations.router)
+    # Routes are matched in this order: the sign-up endpoint, the hot path, comes first.
     app.include_router(public.router)
+    app.include_router(operations.router)
     app.include_router(pages.router)
     app.include_router(admin.router)
     app.include_router(admin_subscribers.router)

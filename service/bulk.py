@@ -2,15 +2,20 @@
 
 SQLAlchemy's executemany runs every value of every row through its chain of type processors
 and builds the statement's parameters row by row; for a batch of sign-ups that was most of the
-batch's CPU. Here each column's processor is looked up once, values go to the driver as
-plain lists, and one statement writes all rows: on PostgreSQL `INSERT ... SELECT * FROM
-unnest($1::type[], ...)` (the same SQL text, hence one prepared statement, whatever the batch
-size), on SQLite the driver's own executemany (one C loop). On PostgreSQL the statements go
-through SQLAlchemy's connection (`exec_driver_sql`), so echo and execution events apply. On
-SQLite they go to aiosqlite itself, still in the caller's transaction: through SQLAlchemy each
-statement is three hand-offs to aiosqlite's thread (cursor, execute, close), here one, and
-those hand-offs, not CPU, were what a sign-up batch on SQLite waited for. Its errors are
-raised as SQLAlchemy's, as through the connection.
+batch's CPU. Here one statement writes all rows of a table.
+On PostgreSQL the rows travel as one JSON document: `INSERT ... SELECT ... FROM
+json_populate_recordset(NULL::table, $1::json)`, where the server turns each value into its
+column's type (the same SQL text, hence one prepared statement, whatever the batch size).
+asyncpg's encoding of one typed array per column cost about two microseconds a value, checks
+on every element included; the C JSON encoder costs a fraction of that. Timestamps are written
+in ISO 8601 with their offset, and a None in a JSON column is stored as JSON null, as
+SQLAlchemy's JSON type does. The statements go through SQLAlchemy's connection
+(`exec_driver_sql`), so echo and execution events apply.
+On SQLite each column's bind processor is looked up once and the driver's own executemany runs
+one C loop. Those statements go to aiosqlite itself, still in the caller's transaction: through
+SQLAlchemy each statement is three hand-offs to aiosqlite's thread (cursor, execute, close),
+here one, and those hand-offs, not CPU, were what a sign-up batch on SQLite waited for. Its
+errors are raised as SQLAlchemy's, as through the connection.
 `insert_many` writes rows of several tables: on PostgreSQL in one statement (each table's
 insert a data-modifying CTE), so a sign-up batch pays one round trip for them all.
 """
@@ -19,12 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table
+from sqlalchemy import JSON, Table
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -55,31 +62,61 @@ def _plan(
     rows: int,
     first: int = 1,
 ) -> _Plan:
-    """`first`: the number of the plan's first parameter ($n) on PostgreSQL."""
+    """`first`: the number of the plan's parameter ($n) on PostgreSQL."""
     table: Table = Base.metadata.tables[table_name]
     for column in table.columns:
         # A Python-side default would be skipped here: the caller must give the value.
         skipped = column.name not in columns and not column.primary_key
         if skipped and column.default is not None and column.server_default is None:
             raise ValueError(f"{table_name}.{column.name} needs a value")
-    processors = tuple(
-        table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in columns
-    )
-    target = f"INSERT INTO {dialect.identifier_preparer.quote(table_name)} "
+    quote = dialect.identifier_preparer.quote
+    target = f"INSERT INTO {quote(table_name)} "
     target += f"({_quoted(dialect, columns)}) "
     if dialect.name == "postgresql":
-        arrays = ", ".join(
-            f"${i}::{table.c[name].type.compile(dialect=dialect)}[]"
-            for i, name in enumerate(columns, first)
+        # A JSON null would become SQL NULL: SQLAlchemy's JSON type stores it as JSON null.
+        picked = ", ".join(
+            f"coalesce({quote(name)}, 'null'::json)"
+            if isinstance(table.c[name].type, JSON)
+            else quote(name)
+            for name in columns
         )
-        # Names and types come from the schema, values travel as parameters.
-        source = f"SELECT * FROM unnest({arrays})"  # noqa: S608
+        # Names and types come from the schema, values travel as one parameter.
+        source = (
+            f"SELECT {picked} FROM json_populate_recordset(NULL::{quote(table_name)}, "  # noqa: S608
+            f"${first}::json)"
+        )
+        processors: tuple[Callable[[Any], Any] | None, ...] = ()
     else:
         one = "(" + ", ".join("?" for _ in columns) + ")"
         source = "VALUES " + ", ".join(one for _ in range(rows))
+        processors = tuple(
+            table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in columns
+        )
     tail = f" ON CONFLICT ({conflict}) DO NOTHING" if conflict else ""
     tail += f" RETURNING {_quoted(dialect, returning)}" if returning else ""
     return _Plan(target + source + tail, processors)
+
+
+def _timestamp(value: object) -> str:
+    """What json.dumps cannot write itself: the rows' timestamps, as UTCDateTime takes them."""
+    if not isinstance(value, datetime):
+        raise TypeError(f"{type(value).__name__} is not JSON serializable")
+    if value.tzinfo is None:
+        raise ValueError("naive datetime")
+    return value.isoformat()
+
+
+def _document(rows: Sequence[dict[str, Any]]) -> str:
+    """Rows as the JSON array json_populate_recordset reads (PostgreSQL)."""
+    written: dict[Any, str] = {}  # a batch's rows share a few timestamps: format each once
+
+    def timestamp(value: object) -> str:
+        text = written.get(value)
+        if text is None:
+            text = written[value] = _timestamp(value)
+        return text
+
+    return json.dumps(rows, default=timestamp, separators=(",", ":"))
 
 
 def _columns(
@@ -111,7 +148,7 @@ async def insert_rows(
     dialect = conn.dialect
     if dialect.name == "postgresql":
         plan = _plan(dialect, table.name, names, on_conflict_do_nothing, returning, 0)
-        result = await conn.exec_driver_sql(plan.sql, tuple(_columns(plan, names, rows)))
+        result = await conn.exec_driver_sql(plan.sql, (_document(rows),))
         return [tuple(row) for row in result.all()] if returning else []
     if returning:
         # SQLite takes at most 32,766 parameters in one statement.
@@ -156,42 +193,56 @@ async def _sqlite_errors(sql: str, params: Any) -> AsyncIterator[None]:
         raise DBAPIError.instance(sql, params, exc, sqlite3.Error) from exc
 
 
+@dataclass(frozen=True)
+class FanOut:
+    """The last statement of an insert_many on PostgreSQL: it reads the rows the first part
+    wrote as the CTE `w0`, with the `returning` columns (for example to queue a call for each
+    of them in the same round trip)."""
+
+    returning: tuple[str, ...]
+    sql: str
+
+
 @functools.lru_cache(maxsize=256)
 def _combined(
-    dialect: Dialect, parts: tuple[tuple[str, tuple[str, ...]], ...]
-) -> tuple[str, tuple[_Plan, ...]]:
-    """One PostgreSQL statement inserting into each (table, columns) of `parts`: its SQL,
-    and each part's plan (for its values' processors)."""
-    plans: list[_Plan] = []
-    first = 1
-    for table_name, columns in parts:
-        plans.append(_plan(dialect, table_name, columns, None, (), 0, first))
-        first += len(columns)
-    ctes = ", ".join(f"w{i} AS ({plan.sql})" for i, plan in enumerate(plans[:-1]))
-    return f"WITH {ctes} {plans[-1].sql}", tuple(plans)
+    dialect: Dialect, parts: tuple[tuple[str, tuple[str, ...]], ...], then: FanOut | None
+) -> str:
+    """One PostgreSQL statement inserting into each (table, columns) of `parts`."""
+    plans = [
+        _plan(dialect, table_name, columns, None, (), 0, first)
+        for first, (table_name, columns) in enumerate(parts, 1)
+    ]
+    if then is None:
+        last = plans.pop().sql
+    else:
+        table_name, columns = parts[0]
+        plans[0] = _plan(dialect, table_name, columns, None, then.returning, 0, 1)
+        last = then.sql
+    ctes = ", ".join(f"w{i} AS ({plan.sql})" for i, plan in enumerate(plans))
+    return f"WITH {ctes} {last}"
 
 
 async def insert_many(
-    conn: AsyncConnection, parts: Sequence[tuple[Table, Sequence[dict[str, Any]]]]
+    conn: AsyncConnection,
+    parts: Sequence[tuple[Table, Sequence[dict[str, Any]]]],
+    then: FanOut | None = None,
 ) -> None:
     """Insert the rows of several tables (each table's rows with the same keys).
 
     PostgreSQL runs every part in one statement, where no part sees another's rows: no part
-    may refer by foreign key to rows written by another part of the same call.
+    may refer by foreign key to rows written by another part of the same call. `then`
+    (PostgreSQL only) runs in that statement too, after the first part's rows are written.
     """
+    if then is not None and conn.dialect.name != "postgresql":
+        raise ValueError("a fan-out statement needs PostgreSQL")
+    if then is not None and not parts[0][1]:
+        then = None  # nothing written for it to read
     parts = [(table, rows) for table, rows in parts if rows]
-    if conn.dialect.name != "postgresql" or len(parts) < 2:
+    if conn.dialect.name != "postgresql" or (len(parts) < 2 and then is None):
         for table, rows in parts:
             await insert_rows(conn, table, rows)
         return
-    names = [tuple(rows[0]) for _, rows in parts]
-    sql, plans = _combined(
-        conn.dialect,
-        tuple((table.name, columns) for (table, _), columns in zip(parts, names, strict=True)),
+    sql = _combined(
+        conn.dialect, tuple((table.name, tuple(rows[0])) for table, rows in parts), then
     )
-    values = [
-        column
-        for plan, columns, (_, rows) in zip(plans, names, parts, strict=True)
-        for column in _columns(plan, columns, rows)
-    ]
-    await conn.exec_driver_sql(sql, tuple(values))
+    await conn.exec_driver_sql(sql, tuple(_document(rows) for _, rows in parts))

@@ -205,3 +205,52 @@ async def test_rows_are_part_of_the_callers_transaction_and_errors_are_sqlalchem
                     [_subscriber(1, when) | {"public_id": "other"}],
                     returning=returning,
                 )
+
+
+async def test_none_in_a_json_column_is_stored_as_sqlalchemy_stores_it(db: Database) -> None:
+    when = datetime.now(UTC)
+    mail = {
+        "kind": "email",
+        "template": "welcome",
+        "recipient": "r@example.com",
+        "subscriber_id": None,
+        "payload": None,
+        "status": "queued",
+        "attempts": 0,
+        "next_attempt_at": when,
+        "created_at": when,
+    }
+    outbox = table(OutboxMessage)
+    async with db.transaction() as session:
+        conn = await session.connection()
+        await bulk.insert_rows(conn, outbox, [mail | {"template": "driver"}])
+        await conn.execute(insert(outbox), [mail | {"template": "sqlalchemy"}])
+        null = outbox.c.payload.is_(None)
+        found = (await conn.execute(select(outbox.c.template, null))).all()
+    assert sorted(found) == sorted([("driver", False), ("sqlalchemy", False)])
+
+
+async def test_a_fan_out_statement_reads_the_first_parts_rows_on_postgresql_only(
+    db: Database,
+) -> None:
+    when = datetime.now(UTC)
+    fan_out = bulk.FanOut(
+        returning=("id", "created_at"),
+        sql="INSERT INTO events (type, actor, data, created_at) "
+        "SELECT 'copy', 'fan-out', json_build_object('of', id), created_at FROM w0",
+    )
+    rows = [
+        {"type": "t", "actor": "test", "ip": None, "data": {}, "created_at": when} for _ in range(2)
+    ]
+    async with db.transaction() as session:
+        conn = await session.connection()
+        if db.engine.dialect.name != "postgresql":
+            with pytest.raises(ValueError, match="PostgreSQL"):
+                await bulk.insert_many(conn, [(table(Event), rows)], then=fan_out)
+            return
+        await bulk.insert_many(conn, [(table(Event), rows)], then=fan_out)
+        await bulk.insert_many(conn, [(table(Event), [])], then=fan_out)  # nothing to read
+        stored = (await conn.execute(select(table(Event)))).all()
+    originals = {e.id for e in stored if e.actor == "test"}
+    assert len(originals) == 2
+    assert sorted(e.data["of"] for e in stored if e.actor == "fan-out") == sorted(originals)

@@ -11,10 +11,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
+from sqlalchemy import select
 
-from service import webhooks
+from service import events, webhooks
 from service.db import Database
+from service.events import event_row
 from service.mail.worker import DeliveryWorker
+from service.models import Event, OutboxMessage, table, utcnow
+from service.signup import outbox_row
 from tests.conftest import SMTPServer, deliver, make_newsletter
 from tests.test_admin import make_key
 
@@ -120,3 +124,40 @@ async def test_events_reach_the_receiver_signed_and_retried(
     assert (
         await client.get(f"/v1/admin/webhooks/{hook['id']}", headers=headers)
     ).status_code == 404
+
+
+async def test_each_webhook_gets_one_call_per_event_it_wants(db: Database) -> None:
+    """Written with other rows in one call (on PostgreSQL one statement, which joins the
+    events it writes with the webhooks): inactive hooks and unwanted types get no call."""
+    async with db.transaction() as session:
+        hooks = [
+            await webhooks.create_webhook(session, f"https://{name}.example/hook", types)
+            for name, types in (
+                ("pending", ["subscription.pending"]),
+                ("both", ["subscription.pending", "subscription.confirmed"]),
+                ("off", ["subscription.pending"]),
+            )
+        ]
+        hooks[2].active = False
+        pending, both = hooks[0].id, hooks[1].id
+    now = utcnow()
+    kinds = ["subscription.pending", "subscription.confirmed", "subscription.bounced"]
+    rows = [event_row(kind, None, None, "test", None, now, n=n) for n, kind in enumerate(kinds)]
+    mail = outbox_row("welcome", "reader@example.com", 1, {"subscriber": "p"}, now)
+    async with db.transaction() as session:
+        await events.record(session, rows, along=[(table(OutboxMessage), [mail])])
+    async with db.transaction() as session:
+        written = await session.scalars(select(Event).where(Event.actor == "test"))
+        event_ids = {event.data["n"]: event.id for event in written}
+        queued = (await session.scalars(select(OutboxMessage))).all()
+    calls = [m for m in queued if m.kind == "webhook"]
+    assert sorted((c.payload["webhook_id"], c.payload["event_id"]) for c in calls) == sorted(
+        [(pending, event_ids[0]), (both, event_ids[0]), (both, event_ids[1])]
+    )
+    assert {(c.template, c.recipient, c.status, c.attempts) for c in calls} == {
+        ("webhook", None, "queued", 0)
+    }
+    assert all(c.next_attempt_at <= utcnow() for c in calls)
+    assert [(m.template, m.recipient) for m in queued if m.kind == "email"] == [
+        ("welcome", "reader@example.com")
+    ]
