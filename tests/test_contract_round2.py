@@ -5,13 +5,18 @@ them only on PostgreSQL, which refuses what SQLite lets through)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import subprocess
+from pathlib import Path
 
 import httpx
+import pytest
 
 from service.db import Database
-from tests.conftest import make_newsletter
+from tests.conftest import TestDatabase, free_port, fresh_pg_database, make_newsletter
 from tests.test_admin import make_key
+from tests.test_cli import NEWSLETTER, cli_env, ok
 
 
 def _cursor(raw: bytes) -> str:
@@ -98,3 +103,84 @@ async def test_ids_and_cursors_past_a_columns_range_are_a_4xx_not_a_500(
         )
         assert answer.status_code == 200, (path, answer.text)
         assert answer.json()["items"] == []
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+async def _run_cli(data_dir: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`newsletter ARGS` with only the data directory and `env` as settings."""
+    environment = cli_env(data_dir)
+    environment.update({f"NEWSLETTER_{k.upper()}": v for k, v in env.items()})
+    return await asyncio.to_thread(
+        subprocess.run,
+        [NEWSLETTER, *args],
+        env=environment,
+        cwd=data_dir,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def _refused(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    """A clear message and a non-zero exit, no traceback."""
+    shown = result.stdout + result.stderr
+    assert result.returncode != 0, shown
+    assert "Traceback" not in shown and "╭" not in shown, shown
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: "), shown
+    for word in words:
+        assert word in message, shown
+
+
+async def test_commands_on_a_fresh_embedded_database_migrate_it_as_serve_does(
+    tmp_path: Path,
+) -> None:
+    """design.md: every command reads the same settings as the server, and serve migrates an
+    embedded SQLite database. A first `newsletters create` (before any `serve`) answered with
+    a traceback about a missing table."""
+    created = await _run_cli(tmp_path, "newsletters", "create", "--slug", "news", "--name", "N")
+    assert created.returncode == 0, created.stderr
+    assert "news" in ok(await _run_cli(tmp_path, "newsletters", "list"))
+    fresh = tmp_path / "other"
+    fresh.mkdir()
+    for args in (("outbox", "status"), ("purge-pending", "--older-than", "7d")):
+        assert (await _run_cli(fresh, *args)).returncode == 0, args
+
+
+async def test_cli_errors_are_one_clear_line_not_a_traceback(tmp_path: Path) -> None:
+    """design.md: every command reads the same settings; a wrong one must say which."""
+    closed = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
+    for args in (("newsletters", "list"), ("keys", "create", "--name", "x"), ("outbox", "status"),
+                 ("purge-pending", "--older-than", "30d"), ("subscribers", "export",
+                 "--newsletter", "x"), ("migrate",)):  # fmt: skip
+        _refused(await _run_cli(tmp_path, *args, secret_keys="k", database_url=closed), "database")
+    _refused(
+        await _run_cli(tmp_path, "newsletters", "list", database_url="mysql://db/news"),
+        "NEWSLETTER_DATABASE_URL",
+    )
+    _refused(
+        await _run_cli(tmp_path, "outbox", "status", mail_url="ftp://mail.example"),
+        "NEWSLETTER_MAIL_URL",
+    )
+    _refused(
+        await _run_cli(tmp_path, "newsletters", "list", check_deliverability="maybe"),
+        "NEWSLETTER_CHECK_DELIVERABILITY",
+    )
+    _refused(await _run_cli(tmp_path, "migrate", "no-such-revision"), "no-such-revision")
+    _refused(await _run_cli(tmp_path, "purge-pending", "--older-than", "soon"), "30d")
+
+
+async def test_cli_on_an_unmigrated_postgresql_database_says_to_migrate(
+    test_database: TestDatabase, tmp_path: Path
+) -> None:
+    if test_database.backend != "postgresql":
+        pytest.skip("SQLite is migrated by the commands themselves")
+    async with fresh_pg_database("newsletter_unmigrated") as url:
+        for args in (("newsletters", "list"), ("keys", "create", "--name", "x")):
+            _refused(
+                await _run_cli(tmp_path, *args, secret_keys="k", database_url=url),
+                "newsletter migrate",
+            )
