@@ -225,6 +225,25 @@ async def preferences(session: AsyncSession, subscriber: Subscriber) -> Preferen
     )
 
 
+async def link_newsletter(
+    session: AsyncSession, subscriber: Subscriber, slug: str
+) -> Newsletter | None:
+    """The newsletter an unsubscribe link's `?newsletter=` names: a public one, or an archived
+    one this reader was on (mail sent before it was archived still carries the link)."""
+    if not SLUG.match(slug):  # never send a NUL byte or the like to a query
+        return None
+    newsletter = await session.scalar(select(Newsletter).where(Newsletter.slug == slug))
+    if newsletter is None or newsletter.archived_at is None:
+        return newsletter
+    had = await session.scalar(
+        select(Subscription.id).where(
+            Subscription.subscriber_id == subscriber.id,
+            Subscription.newsletter_id == newsletter.id,
+        )
+    )
+    return newsletter if had is not None else None
+
+
 async def unsubscribe(
     session: AsyncSession,
     subscriber: Subscriber,

@@ -14,7 +14,16 @@ import httpx
 import pytest
 
 from service.db import Database
-from tests.conftest import TestDatabase, free_port, fresh_pg_database, make_newsletter
+from service.mail.worker import DeliveryWorker
+from tests.conftest import (
+    ReceivedMail,
+    SMTPServer,
+    TestDatabase,
+    deliver,
+    free_port,
+    fresh_pg_database,
+    make_newsletter,
+)
 from tests.test_admin import make_key
 from tests.test_cli import NEWSLETTER, cli_env, ok
 
@@ -184,3 +193,52 @@ async def test_cli_on_an_unmigrated_postgresql_database_says_to_migrate(
                 await _run_cli(tmp_path, *args, secret_keys="k", database_url=url),
                 "newsletter migrate",
             )
+
+
+# ---------------------------------------------------------------- reader pages
+
+
+def _unsubscribe_path(mail: ReceivedMail) -> str:
+    """The https target of a mail's List-Unsubscribe, as a path."""
+    header = str(mail.message["List-Unsubscribe"])
+    url = next(p.strip(" <>") for p in header.split(",") if "/unsubscribe/" in p)
+    return url.removeprefix("http://testserver")
+
+
+async def test_the_unsubscribe_link_of_an_archived_newsletters_mail_still_works(
+    client: httpx.AsyncClient, db: Database, worker: DeliveryWorker, smtp: SMTPServer
+) -> None:
+    """Mail sent before a newsletter was archived carries `/unsubscribe/{token}?newsletter=`
+    for it: the page answered 404 "This link is not valid" (its POST did unsubscribe)."""
+    await make_newsletter(db, "weekly", opt_in="single")
+    await make_newsletter(db, "daily", opt_in="single")
+    admin = await make_key(db)
+    for slug in ("weekly", "daily"):
+        signup = await client.post(
+            "/v1/subscriptions", json={"email": "reader@example.com", "newsletters": [slug]}
+        )
+        assert signup.status_code == 200, signup.text
+    await deliver(worker)
+    smtp.sink.received.sort(key=lambda mail: str(mail.message["List-Id"]), reverse=True)
+    path = _unsubscribe_path(smtp.sink.received[0])
+    assert path.endswith("?newsletter=weekly")
+    archived = await client.delete("/v1/admin/newsletters/weekly", headers=admin)
+    assert archived.status_code in (200, 204), archived.text
+
+    page = await client.get(path)
+    assert page.status_code == 200, page.text
+    assert "Weekly" in page.text and "<button" in page.text
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    clicked = await client.post(path, content=b"List-Unsubscribe=One-Click", headers=form)
+    assert clicked.status_code == 200
+    assert "Weekly" in clicked.text
+    found = await client.get("/v1/admin/subscribers", headers=admin)
+    assert found.json()["items"][0]["subscriptions"] == [
+        {"newsletter": "daily", "status": "active"},
+        {"newsletter": "weekly", "status": "unsubscribed"},
+    ]
+    # An archived list this reader never had is no link of theirs.
+    await make_newsletter(db, "other")
+    assert (await client.delete("/v1/admin/newsletters/other", headers=admin)).is_success
+    token = path.split("/")[-1].split("?")[0]
+    assert (await client.get(f"/unsubscribe/{token}?newsletter=other")).status_code == 404

@@ -260,9 +260,13 @@ async def unsubscribe_page(
                 session, settings.secret_keys, token
             )
             prefs = await subscriptions.preferences(session, subscriber)
+            target = (
+                await subscriptions.link_newsletter(session, subscriber, newsletter)
+                if newsletter
+                else None
+            )
     except TokenNotFound:
         return not_found(request)
-    target = next((p.newsletter for p in prefs.items if p.newsletter.slug == newsletter), None)
     if newsletter and target is None:
         # A link for a list that is gone must not turn into "unsubscribe from everything".
         return not_found(request)
@@ -289,9 +293,13 @@ async def unsubscribe_post(
                 session, subscriber, newsletter or None, consent_from(request, "form")
             )
             prefs = await subscriptions.preferences(session, subscriber)
+            target = (
+                await subscriptions.link_newsletter(session, subscriber, newsletter)
+                if newsletter
+                else None
+            )
     except NotFound:
         return not_found(request)
-    target = next((p.newsletter for p in prefs.items if p.newsletter.slug == newsletter), None)
     return render(
         request,
         "unsubscribed.html",
