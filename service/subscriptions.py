@@ -88,6 +88,18 @@ async def newsletters_by_slug(session: AsyncSession, slugs: Sequence[str]) -> li
     return [found[s] for s in slugs]
 
 
+async def unknown_slugs(session: AsyncSession, slugs: Sequence[str]) -> list[str]:
+    """Those of `slugs` (each already a well-formed slug) no public newsletter has."""
+    found = set(
+        await session.scalars(
+            select(Newsletter.slug).where(
+                Newsletter.slug.in_(slugs), Newsletter.archived_at.is_(None)
+            )
+        )
+    )
+    return [s for s in slugs if s not in found]
+
+
 async def _confirmation(session: AsyncSession, token: str) -> Confirmation:
     if len(token) > 128:
         raise TokenNotFound()

@@ -242,3 +242,47 @@ async def test_the_unsubscribe_link_of_an_archived_newsletters_mail_still_works(
     assert (await client.delete("/v1/admin/newsletters/other", headers=admin)).is_success
     token = path.split("/")[-1].split("?")[0]
     assert (await client.get(f"/unsubscribe/{token}?newsletter=other")).status_code == 404
+
+
+# ---------------------------------------------------------------- sign-up answers
+
+
+async def test_a_sign_up_422_names_every_wrong_field_at_once(
+    client: httpx.AsyncClient, db: Database
+) -> None:
+    """design.md: 422 problem+json with per-field errors. An unknown newsletter was only
+    reported once every other field was right: a form showed one error, then the next."""
+    await make_newsletter(db, "weekly")
+    answer = await client.post(
+        "/v1/subscriptions", json={"email": "reader@", "newsletters": ["weekly", "nope"]}
+    )
+    assert answer.status_code == 422
+    assert answer.headers["content-type"] == "application/problem+json"
+    body = answer.json()
+    assert body["title"] == "Please, enter correct email address"
+    assert [(e["field"], e["code"]) for e in body["errors"]] == [
+        ("email", "invalid_email"),
+        ("newsletters", "unknown_newsletter"),
+    ]
+    assert body["errors"][1]["message"] == "Unknown newsletter: nope"
+
+    long_name = await client.post(
+        "/v1/subscriptions",
+        json={"email": "reader@example.com", "newsletters": ["nope"], "name": "x" * 500},
+    )
+    assert [e["field"] for e in long_name.json()["errors"]] == ["newsletters", "name"]
+
+    # A right newsletter next to a wrong address is no error of its own.
+    only_email = await client.post(
+        "/v1/subscriptions", json={"email": "reader@", "newsletters": ["weekly"]}
+    )
+    assert [e["field"] for e in only_email.json()["errors"]] == ["email"]
+
+    page = await client.post(
+        "/v1/subscriptions",
+        data={"email": "reader@", "newsletters": "nope"},
+        headers={"accept": "text/html"},
+    )
+    assert page.status_code == 422
+    assert "Please, enter correct email address" in page.text
+    assert "Unknown newsletter: nope" in page.text
