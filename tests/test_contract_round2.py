@@ -286,3 +286,52 @@ async def test_a_sign_up_422_names_every_wrong_field_at_once(
     assert page.status_code == 422
     assert "Please, enter correct email address" in page.text
     assert "Unknown newsletter: nope" in page.text
+
+
+async def test_the_browser_form_again_keeps_the_name_and_says_what_is_wrong(
+    client: httpx.AsyncClient, db: Database
+) -> None:
+    """design.md: the form again with the message next to the field and the typed value kept.
+    A name was dropped from the form again, and an error on a field the form did not show
+    (a too-long name, a bad language) gave the same form back with no message at all."""
+    await make_newsletter(db, "weekly")
+    html = {"accept": "text/html"}
+
+    wrong_address = await client.post(
+        "/v1/subscriptions",
+        data={"email": "ada@", "newsletters": "weekly", "name": "Ada <Lovelace>"},
+        headers=html,
+    )
+    assert wrong_address.status_code == 422
+    assert 'name="name" value="Ada &lt;Lovelace&gt;"' in wrong_address.text
+    assert "Please, enter correct email address" in wrong_address.text
+
+    long_name = await client.post(
+        "/v1/subscriptions",
+        data={"email": "ada@example.com", "newsletters": "weekly", "name": "x" * 300},
+        headers=html,
+    )
+    assert long_name.status_code == 422
+    assert "At most 200 characters." in long_name.text
+    assert 'id="name-error"' in long_name.text
+
+    bad_language = await client.post(
+        "/v1/subscriptions",
+        data={"email": "ada@example.com", "newsletters": "weekly", "language": "not a tag"},
+        headers=html,
+    )
+    assert bad_language.status_code == 422
+    assert "Language must be a tag like en or uk." in bad_language.text
+    assert 'name="language"' not in bad_language.text  # sending the form again must work
+    good_language = await client.post(
+        "/v1/subscriptions",
+        data={"email": "ada@", "newsletters": "weekly", "language": "en"},
+        headers=html,
+    )
+    assert '<input type="hidden" name="language" value="en">' in good_language.text
+
+    # Without a name, the form stays the one-field form it was.
+    plain = await client.post(
+        "/v1/subscriptions", data={"email": "ada@", "newsletters": "weekly"}, headers=html
+    )
+    assert 'name="name"' not in plain.text
