@@ -50,6 +50,8 @@ def describe_setup_error(exc: Exception) -> str:
     """One line for ops: what is wrong and, where we know, what to do."""
     if isinstance(exc, CommandError):
         return f"migration: {exc}"
+    if isinstance(exc, OSError) and exc.filename is not None:  # a file the command was given
+        return f"{exc.strerror}: {exc.filename}"
     text = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:300]
     if "no such table" in text or ("relation" in text and "does not exist" in text):
         return "the database has no schema yet; run `newsletter migrate` first"

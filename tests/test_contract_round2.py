@@ -179,6 +179,15 @@ async def test_cli_errors_are_one_clear_line_not_a_traceback(tmp_path: Path) -> 
         "NEWSLETTER_CHECK_DELIVERABILITY",
     )
     _refused(await _run_cli(tmp_path, "migrate", "no-such-revision"), "no-such-revision")
+    for name in ("", " ", "x" * 101):
+        _refused(await _run_cli(tmp_path, "keys", "create", "--name", name), "name")
+    ok(await _run_cli(tmp_path, "newsletters", "create", "--slug", "news", "--name", "N"))
+    nowhere = tmp_path / "missing" / "out.csv"
+    _refused(
+        await _run_cli(tmp_path, "subscribers", "export", "--newsletter", "news", "--output",
+                       str(nowhere)),
+        "No such file or directory", str(nowhere),
+    )  # fmt: skip
     _refused(await _run_cli(tmp_path, "purge-pending", "--older-than", "soon"), "30d")
 
 
