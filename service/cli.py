@@ -13,13 +13,13 @@ import uvicorn
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service import keys, migrate, newsletters, purge
-from service.config import Settings, load_settings
+from service.cli_common import command_settings, run_command
+from service.config import Settings
 from service.csv_cli import subscribers_app
 from service.db import Database
 from service.errors import DomainError
 from service.mail import outbox
 from service.mail.worker import DeliveryWorker
-from service.observability import configure_logging
 
 T = TypeVar("T")
 
@@ -31,16 +31,6 @@ app.add_typer(newsletters_app, name="newsletters")
 app.add_typer(keys_app, name="keys")
 app.add_typer(outbox_app, name="outbox")
 app.add_typer(subscribers_app, name="subscribers")
-
-
-def _settings() -> Settings:
-    try:
-        settings = load_settings()
-        configure_logging(settings.log_level, settings.json_logs)
-        return settings
-    except RuntimeError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
 
 
 def _run(work: Coroutine[Any, Any, T]) -> T:
@@ -70,7 +60,7 @@ def serve(
     demo: Annotated[bool, typer.Option("--demo", help="Create a sample newsletter.")] = False,
 ) -> None:
     """Run the HTTP service (and, by default, the delivery worker inside it)."""
-    settings = _settings()
+    settings = command_settings(migrate_embedded=False)
     if "base_url" not in settings.model_fields_set:
         # Links in mail must point at where this server really listens.
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104
@@ -122,7 +112,7 @@ async def _ensure_demo(settings: Settings) -> None:
 @app.command()
 def worker() -> None:
     """Run the delivery worker alone (no HTTP)."""
-    settings = _settings()
+    settings = command_settings()
 
     async def main() -> None:
         db = Database(settings)
@@ -152,7 +142,7 @@ def inbound(
     # Imported here: aiosmtpd is needed by this command only.
     from service import inbound as listener
 
-    settings = _settings()
+    settings = command_settings()
     bind_host = host or settings.inbound_host
     bind_port = port or settings.inbound_port
 
@@ -179,7 +169,7 @@ def migrate_command(
     revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
 ) -> None:
     """Bring the database schema to the head revision (or the one named)."""
-    settings = _settings()
+    settings = command_settings(migrate_embedded=False)
     migrate.upgrade(settings.resolved_database_url, revision)
     typer.echo(f"Database at {revision}")
 
@@ -195,7 +185,7 @@ def newsletters_create(
     language: Annotated[str, typer.Option(help="Language of pages and mail.")] = "en",
 ) -> None:
     """Create a newsletter."""
-    settings = _settings()
+    settings = command_settings()
 
     created = _run(
         _in_transaction(
@@ -218,7 +208,7 @@ def newsletters_create(
 @newsletters_app.command("list")
 def newsletters_list() -> None:
     """List newsletters with their subscription counts."""
-    settings = _settings()
+    settings = command_settings()
 
     found = _run(
         _in_transaction(settings, lambda s: newsletters.list_with_counts(s, limit=100_000))
@@ -239,7 +229,7 @@ def keys_create(
     scope: Annotated[str, typer.Option(help="admin or read.")] = "admin",
 ) -> None:
     """Create an API key; it is printed once, alone on the last line."""
-    settings = _settings()
+    settings = command_settings()
 
     created = _run(_in_transaction(settings, lambda s: keys.create_key(s, name, scope)))
     typer.echo(f"Created {scope} key {name!r}; it is shown only now:")
@@ -249,7 +239,7 @@ def keys_create(
 @keys_app.command("list")
 def keys_list() -> None:
     """List keys (never the keys themselves)."""
-    settings = _settings()
+    settings = command_settings()
 
     for key in _run(_in_transaction(settings, keys.list_keys)):
         state = "revoked" if key.revoked_at else "live"
@@ -260,7 +250,7 @@ def keys_list() -> None:
 @outbox_app.command("status")
 def outbox_status() -> None:
     """Count outbox rows by state."""
-    settings = _settings()
+    settings = command_settings()
 
     for status, count in _run(_in_transaction(settings, outbox.status_counts)).items():
         typer.echo(f"{status:<8} {count}")
@@ -273,7 +263,7 @@ def outbox_retry(
     ] = None,
 ) -> None:
     """Queue dead messages again with a fresh set of attempts."""
-    settings = _settings()
+    settings = command_settings()
 
     count = _run(_in_transaction(settings, lambda s: outbox.retry_dead(s, ids or None)))
     typer.echo(f"{count} messages queued again")
@@ -282,7 +272,7 @@ def outbox_retry(
 @keys_app.command("revoke")
 def keys_revoke(key_id: Annotated[int, typer.Argument(help="The id `keys list` shows.")]) -> None:
     """Revoke a key: it stops working at once."""
-    settings = _settings()
+    settings = command_settings()
 
     _run(_in_transaction(settings, lambda s: keys.revoke_key(s, key_id)))
     typer.echo(f"Key {key_id} revoked")
@@ -293,7 +283,7 @@ def purge_pending_command(
     older_than: Annotated[str, typer.Option(help="Age like 30d or 12h.")] = "30d",
 ) -> None:
     """Delete sign-ups never confirmed, and the people who have nothing else."""
-    settings = _settings()
+    settings = command_settings()
 
     result = _run(
         _in_transaction(settings, lambda s: purge.purge_pending(s, purge.parse_age(older_than)))
@@ -307,4 +297,4 @@ def purge_pending_command(
 
 
 def main() -> None:
-    app()
+    run_command(app)

@@ -260,6 +260,21 @@ class Settings(BaseSettings):
             parse_many(value)  # a typo fails at start, not on the first sign-up
         return value.strip()
 
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: str) -> str:
+        scheme = urlsplit(value).scheme.split("+")[0]
+        if value and scheme not in ("sqlite", "postgresql", "postgres"):
+            raise ValueError("use sqlite:///path or postgresql://user@host:port/db")
+        return value
+
+    @field_validator("mail_url")
+    @classmethod
+    def _known_mail(cls, value: str) -> str:
+        if value and urlsplit(value).scheme not in ("smtp", "smtps", "maildir"):
+            raise ValueError("use smtp://host:port, smtps://host:port or maildir:///path")
+        return value
+
     @field_validator("trusted_proxies")
     @classmethod
     def _valid_networks(cls, value: list[str]) -> list[str]:

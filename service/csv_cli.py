@@ -10,7 +10,7 @@ from typing import Annotated, BinaryIO
 import typer
 
 from service import csv_export, csv_import
-from service.config import Settings, load_settings
+from service.cli_common import command_settings
 from service.db import Database
 from service.errors import DomainError, InvalidInput
 
@@ -18,14 +18,6 @@ subscribers_app = typer.Typer(help="Import and export subscribers as CSV.", no_a
 
 # How many rejected and skipped lines the command prints (the API report lists more).
 SHOWN_LINES = 20
-
-
-def _settings() -> Settings:
-    try:
-        return load_settings()
-    except RuntimeError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
 
 
 def _fail(exc: DomainError) -> typer.Exit:
@@ -55,7 +47,7 @@ def import_command(
     ] = "",
 ) -> None:
     """Import a CSV file (columns: email, name, language; others become attributes)."""
-    settings = _settings()
+    settings = command_settings()
     path = file.resolve()
     if status == "active" and not consent_note.strip():
         # The contract's command is `import FILE --newsletter S [--status active]`: ops who
@@ -132,7 +124,7 @@ def export_command(
     ] = None,
 ) -> None:
     """Export a newsletter's subscribers as CSV, with unsubscribe and manage URLs."""
-    settings = _settings()
+    settings = command_settings()
     if status is not None and status not in ("pending", "active", "unsubscribed", "bounced"):
         typer.echo("error: status is pending, active, unsubscribed or bounced", err=True)
         raise typer.Exit(2)

@@ -23,9 +23,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from service import events, tokens
 from service.config import Settings
 from service.db import Database
-from service.errors import NotFound
 from service.mail.render import Links
 from service.models import Newsletter, Subscriber, Subscription, utcnow
+from service.newsletters import get_newsletter
 
 EXPORT_PAGE_ROWS = 10_000
 
@@ -323,9 +323,7 @@ async def prepare_export(
 ) -> CsvExport:
     """Find the newsletter (NotFound if none) and record who exported what (the audit trail)."""
     async with db.transaction() as session:
-        newsletter = await session.scalar(select(Newsletter).where(Newsletter.slug == slug))
-        if newsletter is None:
-            raise NotFound(f"No newsletter {slug[:64]!r}.")
+        newsletter = await get_newsletter(session, slug)
         await events.record(
             session,
             [

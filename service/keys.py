@@ -14,6 +14,7 @@ from service.models import ApiKey, KeyScope, utcnow
 
 # last_used_at is a hint for ops, not an audit record: write it at most once a minute.
 LAST_USED_GRANULARITY = timedelta(minutes=1)
+MAX_NAME = 100  # the column's length
 
 
 @dataclass
@@ -26,6 +27,12 @@ async def create_key(session: AsyncSession, name: str, scope: str) -> CreatedKey
     """Create a key; the plain key exists only in the return value."""
     if scope not in (KeyScope.admin.value, KeyScope.read.value):
         raise InvalidInput([FieldError("scope", "invalid", "scope is admin or read.")])
+    name = name.strip()
+    if not name or len(name) > MAX_NAME:
+        # The audit trail names whoever used a key by this name.
+        raise InvalidInput(
+            [FieldError("name", "invalid", f"A key needs a name of 1 to {MAX_NAME} characters.")]
+        )
     key, prefix, key_hash = tokens.new_api_key()
     record = ApiKey(name=name, scope=scope, prefix=prefix, key_hash=key_hash, created_at=utcnow())
     session.add(record)

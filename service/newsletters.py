@@ -151,7 +151,12 @@ async def create_newsletter(
 
 
 async def get_newsletter(session: AsyncSession, slug: str) -> Newsletter:
-    newsletter = await session.scalar(select(Newsletter).where(Newsletter.slug == slug))
+    # A slug no newsletter can have (a NUL byte breaks PostgreSQL) never reaches a query.
+    newsletter = (
+        await session.scalar(select(Newsletter).where(Newsletter.slug == slug))
+        if SLUG.match(slug)
+        else None
+    )
     if newsletter is None:
         raise NotFound(f"No newsletter {slug[:64]!r}.")
     return newsletter

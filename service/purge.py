@@ -24,6 +24,7 @@ from service.models import (
 
 AGE = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+MAX_AGE = timedelta(days=100 * 366)  # older than the service; past it, "now - age" overflows
 # Any fixed number: one purge at a time across processes (PostgreSQL advisory lock).
 PURGE_LOCK = 0x6E6C5055
 
@@ -37,9 +38,14 @@ class PurgeResult:
 def parse_age(value: str) -> timedelta:
     """'30d', '12h', '90m' → a timedelta."""
     found = AGE.match(value)
-    if not found:
-        raise InvalidInput([FieldError("older_than", "invalid", "Use a number and s/m/h/d/w.")])
-    return timedelta(**{UNITS[found.group(2)]: int(found.group(1))})
+    age = None
+    if found and len(found.group(1)) <= 9:  # a billion days overflows a date
+        age = timedelta(**{UNITS[found.group(2)]: int(found.group(1))})
+    if age is None or age > MAX_AGE:
+        raise InvalidInput(
+            [FieldError("older_than", "invalid", "Use a number and s/m/h/d/w, like 30d or 12h.")]
+        )
+    return age
 
 
 async def purge_pending(

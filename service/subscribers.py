@@ -23,6 +23,7 @@ from service.models import (
     Subscription,
     utcnow,
 )
+from service.newsletters import SLUG
 from service.signup import Consent, mail_payload, subscribe
 from service.signup_input import parse_profile, parse_signup
 
@@ -221,7 +222,11 @@ async def _newsletters(session: AsyncSession, slugs: list[str]) -> list[Newslett
     rows = {
         n.slug: n
         for n in await session.scalars(
-            select(Newsletter).where(Newsletter.slug.in_(slugs), Newsletter.archived_at.is_(None))
+            select(Newsletter).where(
+                # A slug no newsletter can have (a NUL byte breaks PostgreSQL) is just unknown.
+                Newsletter.slug.in_([s for s in slugs if SLUG.match(s)]),
+                Newsletter.archived_at.is_(None),
+            )
         )
     }
     unknown = [s for s in slugs if s not in rows]

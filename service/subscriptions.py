@@ -88,6 +88,18 @@ async def newsletters_by_slug(session: AsyncSession, slugs: Sequence[str]) -> li
     return [found[s] for s in slugs]
 
 
+async def unknown_slugs(session: AsyncSession, slugs: Sequence[str]) -> list[str]:
+    """Those of `slugs` (each already a well-formed slug) no public newsletter has."""
+    found = set(
+        await session.scalars(
+            select(Newsletter.slug).where(
+                Newsletter.slug.in_(slugs), Newsletter.archived_at.is_(None)
+            )
+        )
+    )
+    return [s for s in slugs if s not in found]
+
+
 async def _confirmation(session: AsyncSession, token: str) -> Confirmation:
     if len(token) > 128:
         raise TokenNotFound()
@@ -223,6 +235,25 @@ async def preferences(session: AsyncSession, subscriber: Subscriber) -> Preferen
         subscriber=subscriber,
         items=[Preference(n, statuses.get(n.id)) for n in await public_newsletters(session)],
     )
+
+
+async def link_newsletter(
+    session: AsyncSession, subscriber: Subscriber, slug: str
+) -> Newsletter | None:
+    """The newsletter an unsubscribe link's `?newsletter=` names: a public one, or an archived
+    one this reader was on (mail sent before it was archived still carries the link)."""
+    if not SLUG.match(slug):  # never send a NUL byte or the like to a query
+        return None
+    newsletter = await session.scalar(select(Newsletter).where(Newsletter.slug == slug))
+    if newsletter is None or newsletter.archived_at is None:
+        return newsletter
+    had = await session.scalar(
+        select(Subscription.id).where(
+            Subscription.subscriber_id == subscriber.id,
+            Subscription.newsletter_id == newsletter.id,
+        )
+    )
+    return newsletter if had is not None else None
 
 
 async def unsubscribe(

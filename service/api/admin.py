@@ -11,6 +11,7 @@ from service import newsletters as newsletter_service
 from service.api.admin_common import (
     ADMIN_RESPONSES,
     CONFLICT,
+    INT_MAX,
     INVALID,
     NOT_FOUND,
     actor,
@@ -95,7 +96,9 @@ async def list_newsletters(
     cursor: Annotated[str | None, Query(max_length=64)] = None,
 ) -> NewsletterPage:
     async with db.transaction() as session:
-        found = await newsletter_service.list_with_counts(session, decode_cursor(cursor), limit)
+        found = await newsletter_service.list_with_counts(
+            session, decode_cursor(cursor, INT_MAX), limit
+        )
     return NewsletterPage(
         items=[newsletter_out(n.newsletter, n.counts, settings) for n in found],
         next_cursor=next_cursor([n.newsletter.id for n in found], limit),

@@ -48,8 +48,13 @@ ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
     **AUTH_RESPONSES,
     **INVALID,
 }
-# Row ids in paths: bounded so an id past BIGINT is a 422, not a driver overflow (a 500).
-RowId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+# The largest ids of the tables: INTEGER (newsletters, keys, blocklist, webhooks, imports) and
+# BIGINT (subscribers, events, outbox, deliveries) on PostgreSQL.
+INT_MAX = 2**31 - 1
+BIGINT_MAX = 2**63 - 1
+# Row ids in paths, of the INTEGER tables: bounded so an id past the column is a 422, not a
+# driver overflow (a 500).
+RowId = Annotated[int, Path(ge=1, le=INT_MAX)]
 CONFLICT: dict[int | str, dict[str, Any]] = {
     409: problem_response(
         "Conflict", {"type": "about:blank#conflict", "title": "Conflict", "status": 409}
@@ -66,16 +71,22 @@ def encode_cursor(last_id: int) -> str:
     return base64.urlsafe_b64encode(str(last_id).encode()).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str | None) -> int | None:
+def decode_cursor(cursor: str | None, largest: int = BIGINT_MAX) -> int | None:
+    """The last id of the page before; `largest` is the most the id column holds (a cursor
+    past it was never handed out, and PostgreSQL's driver refuses it)."""
     if not cursor:
         return None
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if raw.isdigit() and len(raw) < 19:
+        if raw.isdigit() and len(raw) < 19 and int(raw) <= largest:
             return int(raw)
     except (binascii.Error, UnicodeDecodeError, ValueError):
         pass
-    raise InvalidInput([FieldError("cursor", "invalid_cursor", "This cursor is not valid.")])
+    raise _invalid_cursor()
+
+
+def _invalid_cursor() -> InvalidInput:
+    return InvalidInput([FieldError("cursor", "invalid_cursor", "This cursor is not valid.")])
 
 
 def encode_key_cursor(last_key: str) -> str:
@@ -90,8 +101,16 @@ def decode_any_cursor(cursor: str | None) -> int | str | None:
         except (binascii.Error, UnicodeDecodeError, ValueError):
             raw = ""
         if raw.startswith("k:"):
+            if "\x00" in raw:  # no address holds one, and PostgreSQL refuses it
+                raise _invalid_cursor()
             return raw[2:]
     return decode_cursor(cursor)
+
+
+def refuse_nul(field: str, value: str | None, message: str) -> None:
+    """A query parameter with a NUL matches nothing, and PostgreSQL refuses it: a 422."""
+    if value is not None and "\x00" in value:
+        raise InvalidInput([FieldError(field, "invalid", message)])
 
 
 def next_cursor(ids: list[int], limit: int) -> str | None:

@@ -10,6 +10,7 @@ from service import events, suppression, webhooks
 from service.api.admin_common import (
     ADMIN_RESPONSES,
     CONFLICT,
+    INT_MAX,
     INVALID,
     NOT_FOUND,
     RowId,
@@ -17,6 +18,7 @@ from service.api.admin_common import (
     decode_cursor,
     encode_cursor,
     next_cursor,
+    refuse_nul,
 )
 from service.api.admin_schemas import (
     BlockCreate,
@@ -54,6 +56,7 @@ async def event_feed(
     type: Annotated[str | None, Query(max_length=64, examples=["subscription.confirmed"])] = None,
     limit: Limit = 100,
 ) -> EventPage:
+    refuse_nul("type", type, "An event type has no NUL.")
     async with db.transaction() as session:
         rows = await events.feed(session, decode_cursor(cursor), type, limit)
     return EventPage(
@@ -107,7 +110,7 @@ async def list_webhooks(
     db: DbDep, _key: ReadKey, cursor: Cursor = None, limit: Limit = 100
 ) -> WebhookPage:
     async with db.transaction() as session:
-        hooks = await webhooks.list_webhooks(session, decode_cursor(cursor), limit)
+        hooks = await webhooks.list_webhooks(session, decode_cursor(cursor, INT_MAX), limit)
     return WebhookPage(
         items=[webhook_out(h) for h in hooks],
         next_cursor=next_cursor([h.id for h in hooks], limit),
@@ -216,7 +219,7 @@ async def list_blocks(
     db: DbDep, _key: ReadKey, cursor: Cursor = None, limit: Limit = 100
 ) -> BlockPage:
     async with db.transaction() as session:
-        rows = await suppression.list_blocks(session, decode_cursor(cursor), limit)
+        rows = await suppression.list_blocks(session, decode_cursor(cursor, INT_MAX), limit)
     return BlockPage(
         items=[block_out(e) for e in rows], next_cursor=next_cursor([e.id for e in rows], limit)
     )

@@ -17,6 +17,7 @@ from service.api.admin_common import (
     decode_any_cursor,
     encode_key_cursor,
     next_cursor,
+    refuse_nul,
 )
 from service.api.admin_schemas import (
     ConsentOut,
@@ -32,7 +33,6 @@ from service.api.admin_schemas import (
     SubscriptionState,
 )
 from service.api.deps import AdminKey, DbDep, ReadKey, SettingsDep
-from service.errors import FieldError, InvalidInput
 from service.mail.render import Links
 from service.models import Status
 from service.subscribers import SubscriberDetail
@@ -115,9 +115,8 @@ async def search_subscribers(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(max_length=600)] = None,
 ) -> SubscriberPage:
-    if email is not None and "\x00" in email:
-        # No address holds one, and PostgreSQL refuses it in a query parameter.
-        raise InvalidInput([FieldError("email", "invalid", "An address prefix has no NUL.")])
+    refuse_nul("email", email, "An address prefix has no NUL.")
+    refuse_nul("newsletter", newsletter, "A newsletter slug has no NUL.")
     async with db.transaction() as session:
         rows = await subscriber_service.search_subscribers(
             session,

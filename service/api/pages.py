@@ -39,6 +39,8 @@ INLINE_BLOCK = re.compile(rb"<(script|style)>(.*?)</(?:script|style)>", re.S)
 # no-JS post of the embedded form lands on them); every other page refuses to be framed, so
 # nobody can overlay a confirm or unsubscribe button with their own page.
 FRAMEABLE = frozenset({"signup.html", "thanks.html", "embed.html"})
+# The fields the sign-up form shows an error next to (templates/pages/_signup_form.html).
+FORM_FIELDS = frozenset({"email", "newsletters", "name", "challenge", "form"})
 
 
 @lru_cache(maxsize=1)
@@ -186,13 +188,20 @@ async def signup_form_again(
         newsletters = await subscriptions.public_newsletters(session)
     raw = fields.get("newsletters")
     chosen = [s for s in (raw if isinstance(raw, list) else [raw]) if isinstance(s, str)]
-    email = fields.get("email")
+    email, name, language = (fields.get(f) for f in ("email", "name", "language"))
     shown = [n for n in newsletters if n.slug in chosen]
+    errors = field_errors(error)
+    if unplaced := [e for f, e in errors.items() if f not in FORM_FIELDS]:
+        # A field the form has no place for (a bad language, attributes): said above the
+        # button, and not sent again, so the next press can succeed.
+        errors.setdefault("form", unplaced[0])
     context = {
         "newsletters": shown or newsletters,
         "chosen": chosen,
         "email": email if isinstance(email, str) else "",
-        "errors": field_errors(error),
+        "name": name if isinstance(name, str) else "",
+        "language": language if isinstance(language, str) and "language" not in errors else "",
+        "errors": errors,
     }
     if fields.get("embed") == "1" and len(shown) == 1:
         # The no-JS post of the embedded form: answer in the frame with the same small form.
@@ -260,9 +269,13 @@ async def unsubscribe_page(
                 session, settings.secret_keys, token
             )
             prefs = await subscriptions.preferences(session, subscriber)
+            target = (
+                await subscriptions.link_newsletter(session, subscriber, newsletter)
+                if newsletter
+                else None
+            )
     except TokenNotFound:
         return not_found(request)
-    target = next((p.newsletter for p in prefs.items if p.newsletter.slug == newsletter), None)
     if newsletter and target is None:
         # A link for a list that is gone must not turn into "unsubscribe from everything".
         return not_found(request)
@@ -289,9 +302,13 @@ async def unsubscribe_post(
                 session, subscriber, newsletter or None, consent_from(request, "form")
             )
             prefs = await subscriptions.preferences(session, subscriber)
+            target = (
+                await subscriptions.link_newsletter(session, subscriber, newsletter)
+                if newsletter
+                else None
+            )
     except NotFound:
         return not_found(request)
-    target = next((p.newsletter for p in prefs.items if p.newsletter.slug == newsletter), None)
     return render(
         request,
         "unsubscribed.html",

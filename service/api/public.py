@@ -26,15 +26,24 @@ from service.api.schemas import (
 from service.botcheck import ChallengeUnavailable, ChallengeVerifier
 from service.config import Settings
 from service.db import Database
-from service.errors import FieldError, InvalidInput, PayloadTooLarge, problem
+from service.errors import (
+    FieldError,
+    InvalidInput,
+    PayloadTooLarge,
+    problem,
+    unknown_newsletters,
+)
 from service.observability import SIGNUPS
 from service.origins import safe_redirect
 from service.ratelimit import RATE_LIMITED, SignupLimiter
 from service.signup import SignupResult
 from service.signup_batcher import SignupBatcher
-from service.signup_input import parse_signup
+from service.signup_input import parse_signup, slug_list
 
 router = APIRouter(tags=["public"])
+# Most newsletters a refused sign-up has looked up (parse_signup refuses more than the
+# setting allows; this bounds the query whatever it is).
+MAX_LOOKUP = 100
 
 # Every answer of the sign-up endpoint, counted (children bound once: this is the hot path).
 SIGNUP_OUTCOMES = {
@@ -89,6 +98,26 @@ def _challenge_down(exc: ChallengeUnavailable) -> FieldError:
     return FieldError("challenge", exc.code, exc.title)
 
 
+async def _with_unknown_newsletters(
+    db: Database, fields: dict[str, Any], error: InvalidInput
+) -> InvalidInput:
+    """Every wrong field at once: newsletters are looked up while the sign-up is taken, after
+    the other fields passed; a refused one is looked up here too (off the hot path)."""
+    if any(e.field == "newsletters" for e in error.errors):
+        return error
+    slugs = list(dict.fromkeys(s.strip() for s in slug_list(fields.get("newsletters")) or []))
+    slugs = [s for s in slugs if s]
+    if not slugs or len(slugs) > MAX_LOOKUP:
+        return error
+    async with db.transaction() as session:
+        unknown = await subscriptions.unknown_slugs(session, slugs)
+    if not unknown:
+        return error
+    # In the order of the form: the address, the newsletters, then the rest.
+    at = sum(1 for e in error.errors if e.field == "email")
+    return InvalidInput([*error.errors[:at], unknown_newsletters(unknown), *error.errors[at:]])
+
+
 def _signup_answer(result: SignupResult) -> dict[str, str]:
     if result.all_single_opt_in:
         return {"status": "active", "message": SUBSCRIBED}
@@ -138,9 +167,10 @@ async def create_subscription(request: Request) -> Response:
         result = await signups.submit(data, consent)
     except InvalidInput as exc:
         SIGNUP_OUTCOMES["invalid"].inc()
+        every = await _with_unknown_newsletters(db, fields, exc)
         if html:
-            return await pages.signup_form_again(request, db, fields, exc)
-        raise
+            return await pages.signup_form_again(request, db, fields, every)
+        raise every from None
     except (PayloadTooLarge, MalformedBody) as exc:
         if html:  # a browser form post gets a page, with the status a script would get
             error = FieldError("form", exc.code, f"{exc.title}: {exc.detail or exc.code}")
