@@ -125,8 +125,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
 
     app.add_middleware(RequestMetrics)
-    # Routes are matched in this order: the sign-up endpoint, the hot path, comes first.
-    app.include_router(public.router)
+    # Routes are matched in this order: the sign-up endpoint, the hot path, comes first, and
+    # as the app's own route: an included router is matched twice per request and walks its
+    # routes to check they have not changed.
+    app.router.routes.extend(public.router.routes)
     app.include_router(operations.router)
     app.include_router(pages.router)
     app.include_router(admin.router)

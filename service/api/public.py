@@ -124,6 +124,21 @@ def _signup_answer(result: SignupResult) -> dict[str, str]:
     return {"status": "pending", "message": THANK_YOU}
 
 
+# The two JSON answers never vary: rendered once, as JSONResponse renders them.
+_ANSWER_BODIES = {
+    single: bytes(JSONResponse(_signup_answer(SignupResult(single, []))).body)
+    for single in (True, False)
+}
+
+
+def _signup_json(result: SignupResult) -> Response:
+    return Response(
+        _ANSWER_BODIES[result.all_single_opt_in],
+        status_code=200 if result.all_single_opt_in else 202,
+        media_type="application/json",
+    )
+
+
 @router.post(
     "/v1/subscriptions",
     status_code=202,
@@ -198,9 +213,7 @@ async def create_subscription(request: Request) -> Response:
         return pages.render(
             request, "thanks.html", {"result": result, "message": _signup_answer(result)["message"]}
         )
-    return JSONResponse(
-        _signup_answer(result), status_code=200 if result.all_single_opt_in else 202
-    )
+    return _signup_json(result)
 
 
 @router.get("/v1/newsletters", response_model=list[NewsletterOut], summary="Public newsletters")
