@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextvars
+import itertools
 import json
 import logging
+import os
 import re
+import secrets
 import time
-import uuid
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -47,6 +49,25 @@ ADDRESS = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
+class _RequestIds:
+    """Request ids: 16 random hex digits per process, then a counter. Unique as a random id
+    per request would be, without reading the random source on every request."""
+
+    def __init__(self) -> None:
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)
+
+    def reset(self) -> None:
+        self.prefix = secrets.token_hex(8)
+        self.counter = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self.prefix}{next(self.counter):016x}"
+
+
+_new_request_id = _RequestIds()
+
+
 class RequestMetrics:
     """Pure ASGI middleware: a request id for every request (kept from X-Request-ID when
     sane), echoed in the answer, put on every log line, and the latency by route."""
@@ -59,8 +80,9 @@ class RequestMetrics:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
-        rid = given if REQUEST_ID.match(given) else uuid.uuid4().hex
+        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
+        text = given.decode("latin-1")
+        rid = text if REQUEST_ID.match(text) else _new_request_id()
         token = request_id.set(rid)
         started = time.perf_counter()
         status = 500
