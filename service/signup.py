@@ -81,7 +81,8 @@ class SignupResult:
 # The hot path's statements, built once: building a SQL expression costs more CPU than
 # running it. Lists are expanding parameters.
 _newsletters = table(Newsletter)
-NEWSLETTERS_BY_SLUG = select(_newsletters).where(
+# With each newsletter row, the blocklist entries that refuse one of the batch's addresses.
+NEWSLETTERS_BY_SLUG = select(_newsletters, suppression.BLOCKING.label("blocking")).where(
     _newsletters.c.slug.in_(bindparam("slugs", expanding=True)),
     _newsletters.c.archived_at.is_(None),
 )
@@ -209,8 +210,16 @@ async def subscribe_many(
     now = now or utcnow()
     slugs = {slug for data, _ in requests for slug in data.newsletters}
     conn = await session.connection()  # Core execution: the ORM's per-statement cost is not needed
-    rows = await conn.execute(NEWSLETTERS_BY_SLUG, {"slugs": list(slugs)})
-    found = {row.slug: Newsletter(**row._mapping) for row in rows}
+    keys = {data.address.key for data, _ in requests if not data.honeypot}
+    rows = await conn.execute(
+        NEWSLETTERS_BY_SLUG, {"slugs": list(slugs), **suppression.blocking_params(keys)}
+    )
+    found: dict[str, Newsletter] = {}
+    blocking = None  # the same on every row
+    for row in rows:
+        columns = dict(row._mapping)
+        blocking = columns.pop("blocking")
+        found[row.slug] = Newsletter(**columns)
 
     outcomes: list[SignupResult | InvalidInput] = []
     accepted: list[_Work] = []
@@ -229,7 +238,7 @@ async def subscribe_many(
         if not data.honeypot:
             accepted.append(_Work(data, consent, newsletters, result))
     # A blocked address or domain is answered like everyone else and changes nothing.
-    refused = await suppression.blocked(session, {w.data.address.key for w in accepted})
+    refused = suppression.refused({w.data.address.key for w in accepted}, blocking)
     # A suppressed address (bounced, complained, erased) comes back only through double
     # opt-in: single opt-in lists are not mailed or activated for it.
     single = [w for w in accepted if any(n.opt_in == OptIn.single.value for n in w.newsletters)]

@@ -8,11 +8,12 @@ from typing import Any
 import httpx
 from sqlalchemy import func, select
 
+from service import suppression
 from service.config import Settings
 from service.db import Database
 from service.mail.worker import DeliveryWorker
 from service.models import Confirmation, Subscriber, Subscription
-from service.signup import Consent, SignupResult
+from service.signup import Consent, SignupResult, subscribe_many
 from service.signup_batcher import SignupBatcher
 from service.signup_input import parse_signup
 from tests.conftest import SMTPServer, deliver, make_newsletter
@@ -119,3 +120,29 @@ async def test_under_load_a_batch_waits_to_be_as_full_as_the_last(
     assert [r.status for r in [*burst, *later, alone]] == ["pending"] * 17
     async with db.transaction() as session:
         assert await session.scalar(select(func.count()).select_from(Subscriber)) == 17
+
+
+async def test_one_batch_refuses_each_blocked_address_and_no_other(db: Database) -> None:
+    """The batch reads the blocklist with the newsletters: every entry that matches one of its
+    addresses, by address or by a parent domain, and only those addresses are dropped."""
+    await make_newsletter(db, "weekly")
+    async with db.transaction() as session:
+        for kind, value in (
+            ("address", "one@example.com"),
+            ("domain", "spam.example"),
+            ("address", "x@mail.spam.example"),
+            ("domain", "other.example"),
+        ):
+            await suppression.add_block(session, kind, value)
+    settings = Settings(secret_keys=["k"])
+    emails = ["one@example.com", "x@mail.spam.example", "two@example.com", "y@spam.example"]
+    batch = [
+        (parse_signup({"email": e, "newsletters": ["weekly"]}, settings), Consent("api"))
+        for e in emails
+    ]
+    async with db.transaction() as session:
+        outcomes = await subscribe_many(session, settings, batch)
+    assert all(isinstance(o, SignupResult) for o in outcomes)  # answered like everyone else
+    async with db.transaction() as session:
+        stored = (await session.scalars(select(Subscriber.email))).all()
+    assert stored == ["two@example.com"]

@@ -60,7 +60,7 @@ async def test_signup_statements_do_not_grow_with_the_batch(app: FastAPI, db: Da
             await subscribe_many(session, settings, batch(50, "many"))
     # PostgreSQL writes a batch's subscriptions, events, webhook calls, confirmations and mail
     # in one statement.
-    assert len(one) <= (5 if db.engine.dialect.name == "postgresql" else 9), one
+    assert len(one) <= (4 if db.engine.dialect.name == "postgresql" else 8), one
     assert len(fifty) == len(one), fifty
     # Known addresses cost a few more (the subscribers, their subscriptions, the mail cap, the
     # resubscribe), still flat.
