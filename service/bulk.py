@@ -4,12 +4,12 @@ SQLAlchemy's executemany runs every value of every row through its chain of type
 and builds the statement's parameters row by row; for a batch of sign-ups that was most of the
 batch's CPU. Here one statement writes all rows of a table.
 On PostgreSQL the rows travel as one JSON document: `INSERT ... SELECT ... FROM
-json_populate_recordset(NULL::table, $1::json)`, where the server turns each value into its
-column's type (the same SQL text, hence one prepared statement, whatever the batch size).
-asyncpg's encoding of one typed array per column cost about two microseconds a value, checks
-on every element included; the C JSON encoder costs a fraction of that. Timestamps are written
-in ISO 8601 with their offset, and a None in a JSON column is stored as JSON null, as
-SQLAlchemy's JSON type does. The statements go through SQLAlchemy's connection
+json_to_recordset($1::json) AS r(column text, ...)`, each value cast to its column's type
+(the same SQL text, hence one prepared statement, whatever the batch size). asyncpg's encoding
+of one typed array per column cost one to two microseconds a value, checks on every element
+included; the C JSON encoder costs a fraction of that. Timestamps are written in ISO 8601 with
+their offset. A JSON column's value is its JSON text, as SQLAlchemy's JSON type writes it
+(None is JSON null). The statements go through SQLAlchemy's connection
 (`exec_driver_sql`), so echo and execution events apply.
 On SQLite each column's bind processor is looked up once and the driver's own executemany runs
 one C loop. Those statements go to aiosqlite itself, still in the caller's transaction: through
@@ -45,6 +45,7 @@ SQLITE_MAX_PARAMETERS = 32_766
 class _Plan:
     sql: str
     processors: tuple[Callable[[Any], Any] | None, ...]
+    json_columns: tuple[str, ...] = ()  # PostgreSQL: sent as their JSON text
 
 
 def _quoted(dialect: Dialect, names: Sequence[str]) -> str:
@@ -73,25 +74,27 @@ def _plan(
     target = f"INSERT INTO {quote(table_name)} "
     target += f"({_quoted(dialect, columns)}) "
     if dialect.name == "postgresql":
-        # A JSON null would become SQL NULL: SQLAlchemy's JSON type stores it as JSON null.
+        # Every value is read as text and cast to its column's type, as the arrays it replaced
+        # were (an explicit cast: a too-long string is cut, not refused). A JSON column's value
+        # travels as its JSON text: a nested value would be parsed with the document, where
+        # PostgreSQL refuses "\u0000".
+        json_columns = tuple(name for name in columns if isinstance(table.c[name].type, JSON))
+        record = ", ".join(f"{quote(name)} text" for name in columns)
         picked = ", ".join(
-            f"coalesce({quote(name)}, 'null'::json)"
-            if isinstance(table.c[name].type, JSON)
-            else quote(name)
+            f"{quote(name)}::"
+            + ("json" if name in json_columns else table.c[name].type.compile(dialect=dialect))
             for name in columns
         )
         # Names and types come from the schema, values travel as one parameter.
-        source = (
-            f"SELECT {picked} FROM json_populate_recordset(NULL::{quote(table_name)}, "  # noqa: S608
-            f"${first}::json)"
-        )
-        processors: tuple[Callable[[Any], Any] | None, ...] = ()
-    else:
-        one = "(" + ", ".join("?" for _ in columns) + ")"
-        source = "VALUES " + ", ".join(one for _ in range(rows))
-        processors = tuple(
-            table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in columns
-        )
+        source = f"SELECT {picked} FROM json_to_recordset(${first}::json) AS r({record})"  # noqa: S608
+        tail = f" ON CONFLICT ({conflict}) DO NOTHING" if conflict else ""
+        tail += f" RETURNING {_quoted(dialect, returning)}" if returning else ""
+        return _Plan(target + source + tail, (), json_columns)
+    one = "(" + ", ".join("?" for _ in columns) + ")"
+    source = "VALUES " + ", ".join(one for _ in range(rows))
+    processors = tuple(
+        table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in columns
+    )
     tail = f" ON CONFLICT ({conflict}) DO NOTHING" if conflict else ""
     tail += f" RETURNING {_quoted(dialect, returning)}" if returning else ""
     return _Plan(target + source + tail, processors)
@@ -106,8 +109,11 @@ def _timestamp(value: object) -> str:
     return value.isoformat()
 
 
-def _document(rows: Sequence[dict[str, Any]]) -> str:
-    """Rows as the JSON array json_populate_recordset reads (PostgreSQL)."""
+def _document(plan: _Plan, rows: Sequence[dict[str, Any]]) -> str:
+    """Rows as the JSON array json_to_recordset reads (PostgreSQL); JSON columns as their
+    text, as SQLAlchemy's JSON type writes it (None is JSON null)."""
+    if plan.json_columns:
+        rows = [row | {c: json.dumps(row[c]) for c in plan.json_columns} for row in rows]
     written: dict[Any, str] = {}  # a batch's rows share a few timestamps: format each once
 
     def timestamp(value: object) -> str:
@@ -148,7 +154,7 @@ async def insert_rows(
     dialect = conn.dialect
     if dialect.name == "postgresql":
         plan = _plan(dialect, table.name, names, on_conflict_do_nothing, returning, 0)
-        result = await conn.exec_driver_sql(plan.sql, (_document(rows),))
+        result = await conn.exec_driver_sql(plan.sql, (_document(plan, rows),))
         return [tuple(row) for row in result.all()] if returning else []
     if returning:
         # SQLite takes at most 32,766 parameters in one statement.
@@ -206,20 +212,19 @@ class FanOut:
 @functools.lru_cache(maxsize=256)
 def _combined(
     dialect: Dialect, parts: tuple[tuple[str, tuple[str, ...]], ...], then: FanOut | None
-) -> str:
-    """One PostgreSQL statement inserting into each (table, columns) of `parts`."""
+) -> tuple[str, tuple[_Plan, ...]]:
+    """One PostgreSQL statement inserting into each (table, columns) of `parts`, and each
+    part's plan."""
     plans = [
-        _plan(dialect, table_name, columns, None, (), 0, first)
-        for first, (table_name, columns) in enumerate(parts, 1)
+        _plan(
+            dialect, table_name, columns, None, then.returning if then and i == 0 else (), 0, i + 1
+        )
+        for i, (table_name, columns) in enumerate(parts)
     ]
-    if then is None:
-        last = plans.pop().sql
-    else:
-        table_name, columns = parts[0]
-        plans[0] = _plan(dialect, table_name, columns, None, then.returning, 0, 1)
-        last = then.sql
-    ctes = ", ".join(f"w{i} AS ({plan.sql})" for i, plan in enumerate(plans))
-    return f"WITH {ctes} {last}"
+    inserts = [plan.sql for plan in plans]
+    last = then.sql if then is not None else inserts.pop()
+    ctes = ", ".join(f"w{i} AS ({sql})" for i, sql in enumerate(inserts))
+    return f"WITH {ctes} {last}", tuple(plans)
 
 
 async def insert_many(
@@ -242,7 +247,8 @@ async def insert_many(
         for table, rows in parts:
             await insert_rows(conn, table, rows)
         return
-    sql = _combined(
+    sql, plans = _combined(
         conn.dialect, tuple((table.name, tuple(rows[0])) for table, rows in parts), then
     )
-    await conn.exec_driver_sql(sql, tuple(_document(rows) for _, rows in parts))
+    documents = tuple(_document(plan, rows) for plan, (_, rows) in zip(plans, parts, strict=True))
+    await conn.exec_driver_sql(sql, documents)

@@ -254,3 +254,30 @@ async def test_a_fan_out_statement_reads_the_first_parts_rows_on_postgresql_only
     originals = {e.id for e in stored if e.actor == "test"}
     assert len(originals) == 2
     assert sorted(e.data["of"] for e in stored if e.actor == "fan-out") == sorted(originals)
+
+
+async def test_json_values_holding_nul_characters_read_back_as_written(db: Database) -> None:
+    """PostgreSQL refuses "\\u0000" where it parses JSON into text; a JSON column keeps it."""
+    when = datetime.now(UTC)
+    hostile = {"k\x00": "x\x00y", "list": ["\x00"]}
+    async with db.transaction() as session:
+        conn = await session.connection()
+        await bulk.insert_rows(
+            conn, table(Subscriber), [_subscriber(1, when) | {"attributes": hostile}]
+        )
+        stored = await conn.scalar(select(table(Subscriber).c.attributes))
+    assert stored == hostile
+
+
+async def test_a_value_longer_than_its_column_is_cut_as_an_explicit_cast_cuts_it(
+    db: Database,
+) -> None:
+    """As the typed arrays this replaced did: an actor named by a 100-character key name."""
+    if db.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite does not enforce VARCHAR lengths")
+    row = {"type": "t", "actor": "key:" + "k" * 100, "ip": None, "data": {}}
+    async with db.transaction() as session:
+        conn = await session.connection()
+        await bulk.insert_rows(conn, table(Event), [row | {"created_at": datetime.now(UTC)}])
+        actor = await conn.scalar(select(table(Event).c.actor))
+    assert actor == ("key:" + "k" * 100)[:100]
