@@ -307,15 +307,29 @@ async def save_preferences(
     now: datetime | None = None,
 ) -> Preferences:
     """Apply the preference centre's form: the link came by mail, so a newly ticked box is
-    proof enough and becomes active at once; an unticked one is unsubscribed."""
+    proof enough and becomes active at once; an unticked active one is unsubscribed.
+
+    A pending subscription is shown unticked, so an unticked one is left pending: pressing
+    Save must neither confirm nor cancel a sign-up the reader did not touch. A bounced one
+    stays bounced whatever the box says: the address is suppressed, and only a new sign-up
+    confirmed by mail brings it back.
+    """
     now = now or utcnow()
     current = await preferences(session, subscriber)
     for item in current.items:
         wanted = item.newsletter.slug in wanted_slugs
         if wanted and item.status in (None, Status.unsubscribed.value, Status.pending.value):
             await _activate(session, subscriber.id, item, consent, now)
-        elif not wanted and item.status in (Status.pending.value, Status.active.value):
+        elif not wanted and item.status == Status.active.value:
             await unsubscribe(session, subscriber, item.newsletter.slug, consent, now)
+    return await preferences(session, subscriber)
+
+
+async def unsubscribe_from_all(
+    session: AsyncSession, subscriber: Subscriber, consent: Consent, now: datetime | None = None
+) -> Preferences:
+    """The preference centre's "Unsubscribe from all": pending sign-ups end too."""
+    await unsubscribe(session, subscriber, None, consent, now)
     return await preferences(session, subscriber)
 
 

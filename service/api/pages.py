@@ -341,15 +341,18 @@ async def manage_post(token: str, request: Request, db: DbDep, settings: Setting
     chosen = slug_list(fields.get("newsletters", []))
     if chosen is None:  # malformed input must never read as "untick everything"
         raise InvalidInput([NOT_SLUGS])
-    wanted = set() if fields.get("action") == "unsubscribe_all" else set(chosen)
+    consent = consent_from(request, "form")
     try:
         async with db.transaction() as session:
             subscriber = await subscriptions.subscriber_by_token(
                 session, settings.secret_keys, token
             )
-            prefs = await subscriptions.save_preferences(
-                session, subscriber, wanted, consent_from(request, "form")
-            )
+            if fields.get("action") == "unsubscribe_all":
+                prefs = await subscriptions.unsubscribe_from_all(session, subscriber, consent)
+            else:
+                prefs = await subscriptions.save_preferences(
+                    session, subscriber, set(chosen), consent
+                )
     except TokenNotFound:
         return not_found(request)
     return render(

@@ -1,0 +1,128 @@
+"""Reader-facing defects found by the contract audit, each pinned by what a reader or a client
+sees: the preference centre, a sign-up of a known address, a confirm link after an unsubscribe,
+the embedded form of a missing newsletter, and a database that has not been migrated."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+
+from service.config import Settings
+from service.db import Database
+from service.mail.worker import DeliveryWorker
+from tests.conftest import SMTPServer, make_newsletter
+from tests.test_signup_api import signup, statuses
+from tests.test_signup_pages import active_reader, manage_path
+
+BOUNCE_SECRET = "reader-fixes-bounce-secret"
+AWAITING = "Awaiting your confirmation"
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """The suite's settings with the bounce intake switched on."""
+    return settings.model_copy(update={"bounce_webhook_secret": BOUNCE_SECRET})
+
+
+def ticked(page: str) -> list[str]:
+    """The newsletters a browser would send if the reader pressed Save without touching a box."""
+    boxes = re.findall(r'<input type="checkbox"[^>]*>', page)
+    return [
+        re.search(r'value="([^"]+)"', box).group(1)  # type: ignore[union-attr]
+        for box in boxes
+        if re.search(r"\bchecked\b", box)
+    ]
+
+
+def item_of(page: str, name: str) -> str:
+    """The preference centre's list item of one newsletter."""
+    [item] = [i for i in re.findall(r"<li>(.*?)</li>", page, flags=re.S) if f">{name}<" in i]
+    return str(item)
+
+
+# ---------------------------------------------------------------- 1. the preference centre
+
+
+async def test_a_pending_sign_up_is_shown_unticked_and_save_leaves_it_pending(
+    client: httpx.AsyncClient,
+    db: Database,
+    settings: Settings,
+    smtp: SMTPServer,
+    worker: DeliveryWorker,
+) -> None:
+    await make_newsletter(db, "weekly", name="The Weekly")
+    await make_newsletter(db, "daily", name="The Daily")
+    await active_reader(client, db, smtp, worker, "weekly")
+    assert (await signup(client, "reader@example.com", "daily")).status_code == 202
+    path = await manage_path(client, db, settings)
+
+    page = await client.get(path)
+    assert ticked(page.text) == ["weekly"]
+    assert AWAITING in item_of(page.text, "The Daily")
+    assert AWAITING not in item_of(page.text, "The Weekly")
+
+    # Save as the page was shown: nothing the reader did not choose changes.
+    saved = await client.post(path, data={"newsletters": ticked(page.text)})
+    assert saved.status_code == 200
+    assert await statuses(client, db) == {
+        "reader@example.com": {"weekly": "active", "daily": "pending"}
+    }
+    assert ticked(saved.text) == ["weekly"]
+
+    # Ticking it is the reader's choice, and the link came by mail: it is confirmed.
+    chosen = await client.post(path, data={"newsletters": ["weekly", "daily"]})
+    assert chosen.status_code == 200
+    assert await statuses(client, db) == {
+        "reader@example.com": {"weekly": "active", "daily": "active"}
+    }
+    assert AWAITING not in chosen.text
+
+
+async def test_unsubscribe_from_all_in_the_preference_centre_ends_a_pending_sign_up_too(
+    client: httpx.AsyncClient,
+    db: Database,
+    settings: Settings,
+    smtp: SMTPServer,
+    worker: DeliveryWorker,
+) -> None:
+    await make_newsletter(db, "weekly")
+    await make_newsletter(db, "daily")
+    await active_reader(client, db, smtp, worker, "weekly")
+    await signup(client, "reader@example.com", "daily")
+
+    page = await client.post(
+        await manage_path(client, db, settings), data={"action": "unsubscribe_all"}
+    )
+
+    assert page.status_code == 200
+    assert await statuses(client, db) == {
+        "reader@example.com": {"weekly": "unsubscribed", "daily": "unsubscribed"}
+    }
+
+
+async def test_a_bounced_subscription_is_not_reactivated_by_the_preference_centre(
+    client: httpx.AsyncClient,
+    db: Database,
+    settings: Settings,
+    smtp: SMTPServer,
+    worker: DeliveryWorker,
+) -> None:
+    """Already so before the fix (save_preferences never activates a bounced one): kept."""
+    await make_newsletter(db, "weekly", name="The Weekly")
+    await active_reader(client, db, smtp, worker, "weekly")
+    bounce = await client.post(
+        "/v1/hooks/bounces",
+        json={"type": "bounce", "email": "reader@example.com", "bounce_type": "hard"},
+        headers={"authorization": f"Bearer {BOUNCE_SECRET}"},
+    )
+    assert bounce.status_code == 200, bounce.text
+    path = await manage_path(client, db, settings)
+
+    page = await client.get(path)
+    assert ticked(page.text) == []
+    saved = await client.post(path, data={"newsletters": ["weekly"]})
+
+    assert saved.status_code == 200
+    assert await statuses(client, db) == {"reader@example.com": {"weekly": "bounced"}}
