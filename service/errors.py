@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from asyncpg.exceptions import (  # type: ignore[import-untyped]
     InsufficientResourcesError,
@@ -20,6 +21,9 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm.exc import StaleDataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
+
+if TYPE_CHECKING:
+    from service.models import Newsletter
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +102,22 @@ class Conflict(DomainError):
     title = "Conflict"
 
 
+class UnsubscribedSince(DomainError):
+    """A confirm link whose every subscription has ended since it was sent (the reader
+    unsubscribed, or the address bounced): the later change wins and nothing is activated."""
+
+    status = 409
+    code = "unsubscribed_since"
+    title = "You have since unsubscribed"
+
+    def __init__(self, newsletters: Sequence[Newsletter]) -> None:
+        self.newsletters = list(newsletters)
+        super().__init__(
+            "Nothing was activated: these subscriptions ended after this link was sent. "
+            "Sign up again to receive them."
+        )
+
+
 class Unauthorized(DomainError):
     status = 401
     code = "unauthorized"
@@ -156,6 +176,8 @@ def domain_error_response(exc: DomainError) -> JSONResponse:
     extra: dict[str, Any] = {}
     if isinstance(exc, InvalidInput):
         extra["errors"] = [e.as_dict() for e in exc.errors]
+    if isinstance(exc, UnsubscribedSince):  # the shape of a confirmation's 200 answer
+        extra["newsletters"] = [n.slug for n in exc.newsletters]
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
     return problem(
         exc.status, exc.title, code=exc.code, detail=exc.detail, headers=headers, **extra

@@ -12,12 +12,14 @@ import pytest
 from service.config import Settings
 from service.db import Database
 from service.mail.worker import DeliveryWorker
-from tests.conftest import SMTPServer, make_newsletter
-from tests.test_signup_api import signup, statuses
+from tests.conftest import SMTPServer, deliver, make_newsletter
+from tests.test_signup_api import link, problem, signup, statuses
 from tests.test_signup_pages import active_reader, manage_path
 
 BOUNCE_SECRET = "reader-fixes-bounce-secret"
 AWAITING = "Awaiting your confirmation"
+CONFIRMED = "Your subscription is confirmed"
+SINCE = "You have since unsubscribed"
 
 
 @pytest.fixture
@@ -126,3 +128,100 @@ async def test_a_bounced_subscription_is_not_reactivated_by_the_preference_centr
 
     assert saved.status_code == 200
     assert await statuses(client, db) == {"reader@example.com": {"weekly": "bounced"}}
+
+
+# ---------------------------------------------------------------- 3. confirming after unsubscribing
+
+
+async def _confirm_link(
+    client: httpx.AsyncClient, smtp: SMTPServer, worker: DeliveryWorker, *slugs: str
+) -> str:
+    """reader@example.com signed up (double opt-in); the token of the confirmation mail."""
+    assert (await signup(client, "reader@example.com", *slugs)).status_code == 202
+    await deliver(worker)
+    return link(smtp.sink.received[-1].text(), "confirm").removeprefix("/confirm/")
+
+
+async def _unsubscribe(
+    client: httpx.AsyncClient, db: Database, settings: Settings, slug: str | None = None
+) -> None:
+    path = (await manage_path(client, db, settings)).replace("/manage/", "/unsubscribe/")
+    answer = await client.post(path, params={"newsletter": slug} if slug else None)
+    assert answer.status_code == 200
+
+
+async def test_a_confirm_link_clicked_after_unsubscribing_activates_nothing_and_says_so(
+    client: httpx.AsyncClient,
+    db: Database,
+    settings: Settings,
+    smtp: SMTPServer,
+    worker: DeliveryWorker,
+) -> None:
+    await make_newsletter(db, "weekly", name="The Weekly")
+    token = await _confirm_link(client, smtp, worker, "weekly")
+    await _unsubscribe(client, db, settings)
+
+    shown = await client.get(f"/confirm/{token}")
+    pressed = await client.post(f"/confirm/{token}")
+    api = await client.post(f"/v1/confirmations/{token}")
+
+    for page in (shown, pressed):
+        assert page.status_code == 409
+        assert SINCE in page.text and "The Weekly" in page.text
+        assert CONFIRMED not in page.text
+        assert 'href="/subscribe/weekly"' in page.text
+    body = problem(api, 409)
+    assert body["type"] == "about:blank#unsubscribed_since"
+    assert body["title"] == SINCE
+    assert body["newsletters"] == ["weekly"]
+    assert await statuses(client, db) == {"reader@example.com": {"weekly": "unsubscribed"}}
+    assert await deliver(worker) == 0  # no welcome mail
+
+
+async def test_a_confirm_link_used_again_after_unsubscribing_no_longer_says_confirmed(
+    client: httpx.AsyncClient,
+    db: Database,
+    settings: Settings,
+    smtp: SMTPServer,
+    worker: DeliveryWorker,
+) -> None:
+    await make_newsletter(db, "weekly")
+    token = await _confirm_link(client, smtp, worker, "weekly")
+    first = await client.post(f"/v1/confirmations/{token}")
+    assert first.status_code == 200
+    assert first.json() == {"status": "active", "newsletters": ["weekly"]}
+    await _unsubscribe(client, db, settings, "weekly")
+
+    again = await client.post(f"/confirm/{token}")
+    api = await client.post(f"/v1/confirmations/{token}")
+
+    assert again.status_code == 409 and SINCE in again.text
+    assert problem(api, 409)["newsletters"] == ["weekly"]
+    assert await statuses(client, db) == {"reader@example.com": {"weekly": "unsubscribed"}}
+
+
+async def test_a_confirm_link_confirms_what_is_still_pending_and_names_what_was_left(
+    client: httpx.AsyncClient,
+    db: Database,
+    settings: Settings,
+    smtp: SMTPServer,
+    worker: DeliveryWorker,
+) -> None:
+    await make_newsletter(db, "weekly", name="The Weekly")
+    await make_newsletter(db, "daily", name="The Daily")
+    token = await _confirm_link(client, smtp, worker, "weekly", "daily")
+    await _unsubscribe(client, db, settings, "daily")
+
+    page = await client.post(f"/confirm/{token}")
+    api = await client.post(f"/v1/confirmations/{token}")
+
+    assert page.status_code == 200
+    assert CONFIRMED in page.text
+    received, left = page.text.split("You unsubscribed from these")
+    assert "The Weekly" in received and "The Daily" not in received
+    assert "The Daily" in left
+    assert api.status_code == 200
+    assert api.json() == {"status": "active", "newsletters": ["weekly"]}
+    assert await statuses(client, db) == {
+        "reader@example.com": {"weekly": "active", "daily": "unsubscribed"}
+    }

@@ -25,6 +25,7 @@ from service.errors import (
     InvalidInput,
     NotFound,
     TokenNotFound,
+    UnsubscribedSince,
 )
 from service.mail.render import Links
 from service.models import Newsletter, Subscriber
@@ -217,7 +218,16 @@ async def _confirmed_page(request: Request, db: Database, token: str) -> Respons
     target = safe_redirect(result.redirect_url, first.allowed_origins if first else None)
     if target:
         return RedirectResponse(target, status_code=303)
-    return render(request, "confirmed.html", {"newsletters": result.newsletters})
+    return render(
+        request,
+        "confirmed.html",
+        {"newsletters": result.newsletters, "unsubscribed_since": result.unsubscribed_since},
+    )
+
+
+def unsubscribed_since(request: Request, exc: UnsubscribedSince) -> HTMLResponse:
+    """A confirm link clicked after the reader unsubscribed: the same 409 the API answers."""
+    return render(request, "unsubscribed_since.html", {"newsletters": exc.newsletters}, exc.status)
 
 
 @router.get("/confirm/{token}")
@@ -231,8 +241,14 @@ async def confirm_page(token: str, request: Request, db: DbDep, settings: Settin
         return not_found(request)
     except ConfirmationExpired:
         return render(request, "expired.html", {"token": token}, status_code=410)
+    except UnsubscribedSince as exc:
+        return unsubscribed_since(request, exc)
     if pending.confirmed:
-        return render(request, "confirmed.html", {"newsletters": pending.newsletters})
+        return render(
+            request,
+            "confirmed.html",
+            {"newsletters": pending.newsletters, "unsubscribed_since": pending.unsubscribed_since},
+        )
     return render(request, "confirm.html", {"newsletters": pending.newsletters, "token": token})
 
 
@@ -244,6 +260,8 @@ async def confirm_post(token: str, request: Request, db: DbDep) -> Response:
         return not_found(request)
     except ConfirmationExpired:
         return render(request, "expired.html", {"token": token}, status_code=410)
+    except UnsubscribedSince as exc:
+        return unsubscribed_since(request, exc)
 
 
 @router.post("/confirm/{token}/resend")
