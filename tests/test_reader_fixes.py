@@ -12,8 +12,9 @@ import pytest
 from service.config import Settings
 from service.db import Database
 from service.mail.worker import DeliveryWorker
+from service.models import utcnow
 from tests.conftest import SMTPServer, deliver, make_newsletter
-from tests.test_signup_api import link, problem, signup, statuses
+from tests.test_signup_api import link, problem, set_newsletter, signup, statuses
 from tests.test_signup_pages import active_reader, manage_path
 
 BOUNCE_SECRET = "reader-fixes-bounce-secret"
@@ -225,3 +226,28 @@ async def test_a_confirm_link_confirms_what_is_still_pending_and_names_what_was_
     assert await statuses(client, db) == {
         "reader@example.com": {"weekly": "active", "daily": "unsubscribed"}
     }
+
+
+# ---------------------------------------------------------------- 4. a sign-up form that is gone
+
+
+@pytest.mark.parametrize("path", ["/embed/nope", "/embed/old", "/subscribe/nope", "/subscribe/old"])
+async def test_a_missing_sign_up_form_says_so_rather_than_blaming_a_mail_link(
+    client: httpx.AsyncClient, db: Database, path: str
+) -> None:
+    await make_newsletter(db, "old", name="The Old One")
+    await set_newsletter(db, "old", archived_at=utcnow())
+
+    page = await client.get(path)
+    in_ukrainian = await client.get(path, headers={"accept-language": "uk"})
+
+    assert page.status_code == 404
+    assert page.headers["content-type"].startswith("text/html")
+    assert "This sign-up form is not available" in page.text
+    main = page.text.split("<main", 1)[1].lower()
+    assert "email" not in main and "link" not in main
+    assert "The Old One" not in page.text
+    assert in_ukrainian.status_code == 404
+    assert "Ця форма підписки недоступна" in in_ukrainian.text
+    if path.startswith("/embed/"):  # shown inside the site's frame, like the form would be
+        assert "X-Frame-Options" not in page.headers

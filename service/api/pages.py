@@ -39,7 +39,7 @@ INLINE_BLOCK = re.compile(rb"<(script|style)>(.*?)</(?:script|style)>", re.S)
 # The sign-up form and its answers may be shown in a frame on the newsletter's own sites (the
 # no-JS post of the embedded form lands on them); every other page refuses to be framed, so
 # nobody can overlay a confirm or unsubscribe button with their own page.
-FRAMEABLE = frozenset({"signup.html", "thanks.html", "embed.html"})
+FRAMEABLE = frozenset({"signup.html", "thanks.html", "embed.html", "form_not_found.html"})
 # The fields the sign-up form shows an error next to (templates/pages/_signup_form.html).
 FORM_FIELDS = frozenset({"email", "newsletters", "name", "challenge", "form"})
 
@@ -171,6 +171,12 @@ def render(
 
 def not_found(request: Request) -> HTMLResponse:
     return render(request, "not_found.html", {}, status_code=404)
+
+
+def form_not_found(request: Request) -> HTMLResponse:
+    """The sign-up form of an unknown or archived newsletter: no link from a mail is involved,
+    and an embedded one says so inside the site's frame (the page has nothing to click)."""
+    return render(request, "form_not_found.html", {}, status_code=404)
 
 
 def field_errors(error: InvalidInput) -> dict[str, Any]:
@@ -387,7 +393,7 @@ async def signup_page(slug: str, request: Request, db: DbDep) -> Response:
     async with db.transaction() as session:
         newsletters = [n for n in await subscriptions.public_newsletters(session) if n.slug == slug]
     if not newsletters:
-        return not_found(request)
+        return form_not_found(request)
     return render(
         request,
         "signup.html",
