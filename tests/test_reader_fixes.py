@@ -4,16 +4,28 @@ the embedded form of a missing newsletter, and a database that has not been migr
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx
 import pytest
 
+from service.app import create_app
 from service.config import Settings
 from service.db import Database
 from service.mail.worker import DeliveryWorker
 from service.models import utcnow
-from tests.conftest import SMTPServer, deliver, make_newsletter
+from tests.conftest import (
+    SMTPServer,
+    TestDatabase,
+    deliver,
+    fresh_pg_database,
+    make_newsletter,
+)
 from tests.test_signup_api import link, problem, set_newsletter, signup, statuses
 from tests.test_signup_pages import active_reader, manage_path
 
@@ -251,3 +263,70 @@ async def test_a_missing_sign_up_form_says_so_rather_than_blaming_a_mail_link(
     assert "Ця форма підписки недоступна" in in_ukrainian.text
     if path.startswith("/embed/"):  # shown inside the site's frame, like the form would be
         assert "X-Frame-Options" not in page.headers
+
+
+# ---------------------------------------------------------------- 5. a database not migrated
+
+
+@asynccontextmanager
+async def unmigrated(
+    settings: Settings, test_database: TestDatabase, tmp_path: Path
+) -> AsyncIterator[Settings]:
+    """The suite's settings on a database of the same backend with no schema at all."""
+    if test_database.backend == "sqlite":
+        yield settings.model_copy(update={"database_url": f"sqlite:///{tmp_path}/empty.db"})
+        return
+    async with fresh_pg_database("newsletter_unmigrated") as url:
+        yield settings.model_copy(update={"database_url": url})
+
+
+async def test_api_routes_on_an_unmigrated_database_answer_503_not_ready(
+    settings: Settings, test_database: TestDatabase, tmp_path: Path
+) -> None:
+    async with unmigrated(settings, test_database, tmp_path) as bare:
+        app = create_app(bare)
+        transport = httpx.ASGITransport(app=app, client=("203.0.113.7", 40000))
+        try:
+            async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+                answers = [
+                    await http.post(
+                        "/v1/subscriptions",
+                        json={"email": "reader@example.com", "newsletters": ["weekly"]},
+                    ),
+                    await http.get("/v1/newsletters"),
+                    await http.post("/v1/confirmations/some-token"),
+                ]
+        finally:
+            await app.state.signups.stop()
+            await app.state.db.dispose()
+
+    for answer in answers:
+        body = problem(answer, 503)
+        assert body["title"] == "Service not ready: database not migrated"
+        assert body["type"] == "about:blank#not_migrated"
+        assert int(answer.headers["retry-after"]) > 0
+
+
+async def test_the_worker_on_an_unmigrated_database_logs_one_clear_error_and_waits(
+    settings: Settings,
+    test_database: TestDatabase,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with unmigrated(settings, test_database, tmp_path) as bare:
+        bare = bare.model_copy(update={"worker_poll_interval": 0.001})
+        db = Database(bare)
+        stop = asyncio.Event()
+        try:
+            with caplog.at_level(logging.INFO, logger="service.mail.worker"):
+                running = asyncio.create_task(DeliveryWorker(db, bare).run_forever(stop))
+                await asyncio.sleep(0.6)  # several looks at the database at the first delays
+                stop.set()
+                await asyncio.wait_for(running, 5)  # stops promptly while it waits
+        finally:
+            await db.dispose()
+
+    records = [r for r in caplog.records if r.name == "service.mail.worker"]
+    assert [r.levelname for r in records] == ["ERROR"]
+    assert "newsletter migrate" in records[0].getMessage()
+    assert records[0].exc_info is None  # one line, not a traceback
