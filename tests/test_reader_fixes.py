@@ -9,6 +9,7 @@ import logging
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -26,6 +27,7 @@ from tests.conftest import (
     fresh_pg_database,
     make_newsletter,
 )
+from tests.test_admin import make_key
 from tests.test_signup_api import link, problem, set_newsletter, signup, statuses
 from tests.test_signup_pages import active_reader, manage_path
 
@@ -141,6 +143,64 @@ async def test_a_bounced_subscription_is_not_reactivated_by_the_preference_centr
 
     assert saved.status_code == 200
     assert await statuses(client, db) == {"reader@example.com": {"weekly": "bounced"}}
+
+
+# ---------------------------------------------------------------- 2. a sign-up of a known address
+
+
+async def test_signing_up_a_known_address_again_never_rewrites_what_the_reader_gave(
+    settings: Settings, db: Database, smtp: SMTPServer
+) -> None:
+    """Reported by the audit; not reproduced (signup._upsert_subscribers inserts with ON
+    CONFLICT DO NOTHING and nothing else writes a subscriber's name): pinned on every way in,
+    confirmation included."""
+    uncapped = settings.model_copy(update={"confirmation_mail_interval": timedelta(0)})
+    app = create_app(uncapped)
+    worker = DeliveryWorker(app.state.db, uncapped)
+    transport = httpx.ASGITransport(app=app, client=("203.0.113.7", 40000))
+    await make_newsletter(db, "weekly")
+    await make_newsletter(db, "daily")
+    await make_newsletter(db, "news", opt_in="single")
+    mallory = {"name": "Mallory", "language": "en", "attributes": {"plan": "free"}}
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+            given = {"name": "Reader", "language": "uk", "attributes": {"plan": "pro"}}
+            assert (await signup(http, "reader@example.com", "weekly", **given)).status_code == 202
+            await deliver(worker)
+            await http.post(link(smtp.sink.received[-1].text(), "confirm"))
+
+            again = [
+                await signup(http, "Reader@Example.com", "daily", **mallory),
+                await signup(http, "reader@example.com", "news", **mallory),
+                await http.post(
+                    "/v1/subscriptions",
+                    data={"email": "reader@example.com", "newsletters": "weekly", "name": "Eve"},
+                    headers={"accept": "text/html"},
+                ),
+            ]
+            assert [a.status_code for a in again] == [202, 200, 200]
+            await deliver(worker)
+            [confirm] = [m for m in smtp.sink.received[1:] if "/confirm/" in m.text()]
+            assert (await http.post(link(confirm.text(), "confirm"))).status_code == 200
+
+            admin = await make_key(db, "read")
+            [item] = (await http.get("/v1/admin/subscribers", headers=admin)).json()["items"]
+            person = (await http.get(f"/v1/admin/subscribers/{item['id']}", headers=admin)).json()
+    finally:
+        await app.state.signups.stop()
+        await app.state.db.dispose()
+
+    assert {k: person[k] for k in ("email", "name", "language", "attributes")} == {
+        "email": "reader@example.com",
+        "name": "Reader",
+        "language": "uk",
+        "attributes": {"plan": "pro"},
+    }
+    assert {s["newsletter"]: s["status"] for s in person["subscriptions"]} == {
+        "weekly": "active",
+        "daily": "active",
+        "news": "active",
+    }
 
 
 # ---------------------------------------------------------------- 3. confirming after unsubscribing
