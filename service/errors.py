@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from asyncpg.exceptions import (  # type: ignore[import-untyped]
     InsufficientResourcesError,
@@ -20,6 +22,9 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm.exc import StaleDataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
+
+if TYPE_CHECKING:
+    from service.models import Newsletter
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +103,22 @@ class Conflict(DomainError):
     title = "Conflict"
 
 
+class UnsubscribedSince(DomainError):
+    """A confirm link whose every subscription has ended since it was sent (the reader
+    unsubscribed, or the address bounced): the later change wins and nothing is activated."""
+
+    status = 409
+    code = "unsubscribed_since"
+    title = "You have since unsubscribed"
+
+    def __init__(self, newsletters: Sequence[Newsletter]) -> None:
+        self.newsletters = list(newsletters)
+        super().__init__(
+            "Nothing was activated: these subscriptions ended after this link was sent. "
+            "Sign up again to receive them."
+        )
+
+
 class Unauthorized(DomainError):
     status = 401
     code = "unauthorized"
@@ -156,6 +177,8 @@ def domain_error_response(exc: DomainError) -> JSONResponse:
     extra: dict[str, Any] = {}
     if isinstance(exc, InvalidInput):
         extra["errors"] = [e.as_dict() for e in exc.errors]
+    if isinstance(exc, UnsubscribedSince):  # the shape of a confirmation's 200 answer
+        extra["newsletters"] = [n.slug for n in exc.newsletters]
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
     return problem(
         exc.status, exc.title, code=exc.code, detail=exc.detail, headers=headers, **extra
@@ -180,11 +203,30 @@ _UNREACHABLE: tuple[type[Exception], ...] = (
 )
 
 
+NOT_MIGRATED = "Service not ready: database not migrated"
+# Seconds: `newsletter migrate` is usually run as a deployment starts, and is done by then.
+RETRY_NOT_MIGRATED_AFTER = 30
+UNDEFINED_TABLE = "42P01"  # PostgreSQL's SQLSTATE for "relation ... does not exist"
+
+
+def schema_missing(exc: BaseException) -> bool:
+    """Whether the error is a table that is not there: the database has not been migrated
+    (`newsletter migrate` not run yet), not a bug and not an outage."""
+    orig = getattr(exc, "orig", None) or exc
+    if getattr(orig, "sqlstate", None) == UNDEFINED_TABLE:  # asyncpg, and SQLAlchemy's wrapper
+        return True
+    return isinstance(orig, sqlite3.OperationalError) and str(orig).startswith("no such table")
+
+
 def database_unavailable(exc: BaseException) -> bool:
     """Whether this is the database being out of reach rather than a bug (a retry may work)."""
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
     return isinstance(exc, _UNREACHABLE)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:300]
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -225,6 +267,16 @@ def install_error_handlers(app: FastAPI) -> None:
         return problem(422, title, code="invalid_input", errors=errors)
 
     async def on_unreachable(_request: Request, exc: Exception) -> Response:
+        if schema_missing(exc):
+            # Found where the error surfaces, so no request pays for a check up front.
+            log.warning("database not migrated: run `newsletter migrate` (%s)", _first_line(exc))
+            return problem(
+                503,
+                NOT_MIGRATED,
+                code="not_migrated",
+                detail="The database has no schema yet. Try again once it has been migrated.",
+                headers={"Retry-After": str(RETRY_NOT_MIGRATED_AFTER)},
+            )
         if not database_unavailable(exc):
             raise exc  # a real bug: the server error handler logs it and answers 500
         log.warning("database unavailable: %s: %s", type(exc).__name__, str(exc)[:300])

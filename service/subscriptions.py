@@ -21,6 +21,7 @@ from service.errors import (
     InvalidInput,
     NotFound,
     TokenNotFound,
+    UnsubscribedSince,
     unknown_newsletters,
 )
 from service.mail import outbox
@@ -40,8 +41,10 @@ from service.signup_input import SignupInput
 
 @dataclass
 class ConfirmResult:
-    newsletters: list[Newsletter]
+    newsletters: list[Newsletter]  # those the reader now receives
     already_confirmed: bool = False
+    # Covered by the link, but unsubscribed (or bounced) since: not activated again.
+    unsubscribed_since: list[Newsletter] = field(default_factory=list)
 
     @property
     def redirect_url(self) -> str | None:
@@ -54,6 +57,7 @@ class PendingConfirmation:
 
     newsletters: list[Newsletter]
     confirmed: bool
+    unsubscribed_since: list[Newsletter] = field(default_factory=list)
 
 
 @dataclass
@@ -125,23 +129,61 @@ async def inspect_confirmation(
     found = await _confirmation(session, token)
     if found.confirmed_at is None and found.expires_at <= now:
         raise ConfirmationExpired()
-    return PendingConfirmation(
-        newsletters=await _newsletters_by_id(session, found.newsletter_ids),
-        confirmed=found.confirmed_at is not None,
+    live, ended = await _still_wanted(
+        session, found, await _newsletters_by_id(session, found.newsletter_ids)
     )
+    return PendingConfirmation(
+        newsletters=live, confirmed=found.confirmed_at is not None, unsubscribed_since=ended
+    )
+
+
+async def _still_wanted(
+    session: AsyncSession, found: Confirmation, newsletters: list[Newsletter]
+) -> tuple[list[Newsletter], list[Newsletter]]:
+    """Split what a confirmation covers into what still stands and what the reader has
+    unsubscribed from (or what bounced) since; raise UnsubscribedSince when nothing stands.
+
+    The later choice wins: a confirm link clicked after an unsubscribe activates nothing, and
+    must not say "confirmed" either.
+    """
+    statuses = dict(
+        (
+            await session.execute(
+                select(Subscription.newsletter_id, Subscription.status).where(
+                    Subscription.subscriber_id == found.subscriber_id,
+                    Subscription.newsletter_id.in_(found.newsletter_ids),
+                )
+            )
+        ).all()
+    )
+    gone = (Status.unsubscribed.value, Status.bounced.value)
+    ended = [n for n in newsletters if statuses.get(n.id) in gone]
+    live = [n for n in newsletters if statuses.get(n.id) not in gone]
+    if ended and not live:
+        # The rollback that follows would expire them; the page still shows them.
+        for newsletter in ended:
+            session.expunge(newsletter)
+        raise UnsubscribedSince(ended)
+    return live, ended
 
 
 async def confirm(
     session: AsyncSession, token: str, consent: Consent, now: datetime | None = None
 ) -> ConfirmResult:
-    """Activate the subscriptions a confirmation covers; confirming twice is a no-op."""
+    """Activate the subscriptions a confirmation covers; confirming twice is a no-op.
+
+    Those unsubscribed (or bounced) since the link was sent stay so; when that is all of
+    them, UnsubscribedSince is raised and nothing changes.
+    """
     now = now or utcnow()
     found = await _confirmation(session, token)
     newsletters = await _newsletters_by_id(session, found.newsletter_ids)
     if found.confirmed_at is not None:
-        return ConfirmResult(newsletters=newsletters, already_confirmed=True)
+        live, ended = await _still_wanted(session, found, newsletters)
+        return ConfirmResult(live, already_confirmed=True, unsubscribed_since=ended)
     if found.expires_at <= now:
         raise ConfirmationExpired()
+    live, ended = await _still_wanted(session, found, newsletters)
     # Only this transaction may flip confirmed_at; a concurrent double click sees 0 rows.
     claimed = await session.execute(
         update(Confirmation)
@@ -150,7 +192,8 @@ async def confirm(
         .execution_options(synchronize_session=False)
     )
     if claimed.rowcount == 0:  # type: ignore[attr-defined]
-        return ConfirmResult(newsletters=newsletters, already_confirmed=True)
+        live, ended = await _still_wanted(session, found, newsletters)
+        return ConfirmResult(live, already_confirmed=True, unsubscribed_since=ended)
     rows = await session.execute(
         update(Subscription)
         .where(
@@ -184,7 +227,7 @@ async def confirm(
             mail_payload(subscriber.public_id, activated),
             now,
         )
-    return ConfirmResult(newsletters=newsletters)
+    return ConfirmResult(live, unsubscribed_since=ended)
 
 
 async def resend_confirmation(
@@ -307,15 +350,29 @@ async def save_preferences(
     now: datetime | None = None,
 ) -> Preferences:
     """Apply the preference centre's form: the link came by mail, so a newly ticked box is
-    proof enough and becomes active at once; an unticked one is unsubscribed."""
+    proof enough and becomes active at once; an unticked active one is unsubscribed.
+
+    A pending subscription is shown unticked, so an unticked one is left pending: pressing
+    Save must neither confirm nor cancel a sign-up the reader did not touch. A bounced one
+    stays bounced whatever the box says: the address is suppressed, and only a new sign-up
+    confirmed by mail brings it back.
+    """
     now = now or utcnow()
     current = await preferences(session, subscriber)
     for item in current.items:
         wanted = item.newsletter.slug in wanted_slugs
         if wanted and item.status in (None, Status.unsubscribed.value, Status.pending.value):
             await _activate(session, subscriber.id, item, consent, now)
-        elif not wanted and item.status in (Status.pending.value, Status.active.value):
+        elif not wanted and item.status == Status.active.value:
             await unsubscribe(session, subscriber, item.newsletter.slug, consent, now)
+    return await preferences(session, subscriber)
+
+
+async def unsubscribe_from_all(
+    session: AsyncSession, subscriber: Subscriber, consent: Consent, now: datetime | None = None
+) -> Preferences:
+    """The preference centre's "Unsubscribe from all": pending sign-ups end too."""
+    await unsubscribe(session, subscriber, None, consent, now)
     return await preferences(session, subscriber)
 
 

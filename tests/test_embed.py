@@ -131,7 +131,7 @@ async def test_embed_page_of_unknown_or_archived_newsletter_is_404(
 
     assert page.status_code == 404
     assert page.headers["content-type"].startswith("text/html")
-    assert "This link is not valid" in page.text
+    assert "This sign-up form is not available" in page.text
     assert "The Old One" not in page.text
 
 

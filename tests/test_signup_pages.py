@@ -351,7 +351,7 @@ async def test_manage_page_lists_every_public_newsletter_with_its_status(
     }
     assert shown == {
         "The Weekly": ("active", True),
-        "The Daily": ("pending", True),
+        "The Daily": ("pending", False),  # unconfirmed: Save must not confirm it unasked
         "The Monthly": ("not subscribed", False),
     }
     assert "reader@example.com" in page.text

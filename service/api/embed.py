@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request, Response
 
 from service import subscriptions
 from service.api.deps import DbDep
-from service.api.pages import not_found, render
+from service.api.pages import form_not_found, render
 from service.errors import InvalidInput
 
 router = APIRouter(include_in_schema=False)
@@ -24,7 +24,7 @@ async def embed_page(slug: str, request: Request, db: DbDep) -> Response:
         async with db.transaction() as session:
             [newsletter] = await subscriptions.newsletters_by_slug(session, [slug])
     except InvalidInput:
-        return not_found(request)
+        return form_not_found(request)
     return render(
         request,
         "embed.html",

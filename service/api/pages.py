@@ -25,6 +25,7 @@ from service.errors import (
     InvalidInput,
     NotFound,
     TokenNotFound,
+    UnsubscribedSince,
 )
 from service.mail.render import Links
 from service.models import Newsletter, Subscriber
@@ -38,7 +39,7 @@ INLINE_BLOCK = re.compile(rb"<(script|style)>(.*?)</(?:script|style)>", re.S)
 # The sign-up form and its answers may be shown in a frame on the newsletter's own sites (the
 # no-JS post of the embedded form lands on them); every other page refuses to be framed, so
 # nobody can overlay a confirm or unsubscribe button with their own page.
-FRAMEABLE = frozenset({"signup.html", "thanks.html", "embed.html"})
+FRAMEABLE = frozenset({"signup.html", "thanks.html", "embed.html", "form_not_found.html"})
 # The fields the sign-up form shows an error next to (templates/pages/_signup_form.html).
 FORM_FIELDS = frozenset({"email", "newsletters", "name", "challenge", "form"})
 
@@ -172,6 +173,12 @@ def not_found(request: Request) -> HTMLResponse:
     return render(request, "not_found.html", {}, status_code=404)
 
 
+def form_not_found(request: Request) -> HTMLResponse:
+    """The sign-up form of an unknown or archived newsletter: no link from a mail is involved,
+    and an embedded one says so inside the site's frame (the page has nothing to click)."""
+    return render(request, "form_not_found.html", {}, status_code=404)
+
+
 def field_errors(error: InvalidInput) -> dict[str, Any]:
     """The first error of each field, for the form to show next to it."""
     found: dict[str, Any] = {}
@@ -217,7 +224,16 @@ async def _confirmed_page(request: Request, db: Database, token: str) -> Respons
     target = safe_redirect(result.redirect_url, first.allowed_origins if first else None)
     if target:
         return RedirectResponse(target, status_code=303)
-    return render(request, "confirmed.html", {"newsletters": result.newsletters})
+    return render(
+        request,
+        "confirmed.html",
+        {"newsletters": result.newsletters, "unsubscribed_since": result.unsubscribed_since},
+    )
+
+
+def unsubscribed_since(request: Request, exc: UnsubscribedSince) -> HTMLResponse:
+    """A confirm link clicked after the reader unsubscribed: the same 409 the API answers."""
+    return render(request, "unsubscribed_since.html", {"newsletters": exc.newsletters}, exc.status)
 
 
 @router.get("/confirm/{token}")
@@ -231,8 +247,14 @@ async def confirm_page(token: str, request: Request, db: DbDep, settings: Settin
         return not_found(request)
     except ConfirmationExpired:
         return render(request, "expired.html", {"token": token}, status_code=410)
+    except UnsubscribedSince as exc:
+        return unsubscribed_since(request, exc)
     if pending.confirmed:
-        return render(request, "confirmed.html", {"newsletters": pending.newsletters})
+        return render(
+            request,
+            "confirmed.html",
+            {"newsletters": pending.newsletters, "unsubscribed_since": pending.unsubscribed_since},
+        )
     return render(request, "confirm.html", {"newsletters": pending.newsletters, "token": token})
 
 
@@ -244,6 +266,8 @@ async def confirm_post(token: str, request: Request, db: DbDep) -> Response:
         return not_found(request)
     except ConfirmationExpired:
         return render(request, "expired.html", {"token": token}, status_code=410)
+    except UnsubscribedSince as exc:
+        return unsubscribed_since(request, exc)
 
 
 @router.post("/confirm/{token}/resend")
@@ -341,15 +365,18 @@ async def manage_post(token: str, request: Request, db: DbDep, settings: Setting
     chosen = slug_list(fields.get("newsletters", []))
     if chosen is None:  # malformed input must never read as "untick everything"
         raise InvalidInput([NOT_SLUGS])
-    wanted = set() if fields.get("action") == "unsubscribe_all" else set(chosen)
+    consent = consent_from(request, "form")
     try:
         async with db.transaction() as session:
             subscriber = await subscriptions.subscriber_by_token(
                 session, settings.secret_keys, token
             )
-            prefs = await subscriptions.save_preferences(
-                session, subscriber, wanted, consent_from(request, "form")
-            )
+            if fields.get("action") == "unsubscribe_all":
+                prefs = await subscriptions.unsubscribe_from_all(session, subscriber, consent)
+            else:
+                prefs = await subscriptions.save_preferences(
+                    session, subscriber, set(chosen), consent
+                )
     except TokenNotFound:
         return not_found(request)
     return render(
@@ -366,7 +393,7 @@ async def signup_page(slug: str, request: Request, db: DbDep) -> Response:
     async with db.transaction() as session:
         newsletters = [n for n in await subscriptions.public_newsletters(session) if n.slug == slug]
     if not newsletters:
-        return not_found(request)
+        return form_not_found(request)
     return render(
         request,
         "signup.html",

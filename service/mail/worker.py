@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from service import csv_import, purge, tokens, webhooks
 from service.config import Settings
 from service.db import Database
+from service.errors import schema_missing
 from service.mail import outbox
 from service.mail.outbox import ClaimedMessage
 from service.mail.render import MailRenderer, OutgoingMail
@@ -37,6 +38,7 @@ PURGE_EVERY = 3600.0
 DEFERRED = "deferred: the mail server failed the messages before these"
 GROUP_WAIT = 0.002  # seconds a group commit waits for the other lanes
 MAIL_SENT = DELIVERIES.labels("email", "sent")  # looked up once, not once a message
+NOT_MIGRATED_MAX_WAIT = 60.0  # seconds between looks at a database that has no schema yet
 
 
 @dataclass
@@ -398,6 +400,22 @@ class DeliveryWorker:
                 result.subscribers,
             )
 
+    async def _wait_for_schema(self, stop: asyncio.Event, polls: int, exc: Exception) -> None:
+        """A database not migrated yet: say so once, then look again less and less often.
+
+        The worker keeps running rather than exiting, so a worker started before (or beside)
+        `newsletter migrate` starts delivering by itself once the schema is there, and the
+        server's in-process worker never needs a restart.
+        """
+        if polls == 1:
+            log.error(
+                "database not migrated: run `newsletter migrate`; delivery waits until it is (%s)",
+                str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:300],
+            )
+        delay = min(NOT_MIGRATED_MAX_WAIT, self.settings.worker_poll_interval * 2 ** min(polls, 16))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+
     async def run_forever(self, stop: asyncio.Event) -> None:
         """Deliver until `stop` is set; sleep on the wake-up event or the poll interval."""
         try:
@@ -406,13 +424,22 @@ class DeliveryWorker:
             await self.close_transports()
 
     async def _run(self, stop: asyncio.Event) -> None:
+        unmigrated = 0  # polls in a row that found no schema
         while not stop.is_set():
             try:
                 await self.housekeeping_if_due()
                 claimed = await self.run_once()
-            except Exception:
-                log.exception("delivery batch failed; retrying after the poll interval")
-                claimed = 0
+            except Exception as exc:
+                if not schema_missing(exc):
+                    log.exception("delivery batch failed; retrying after the poll interval")
+                    claimed = 0
+                else:
+                    unmigrated += 1
+                    await self._wait_for_schema(stop, unmigrated, exc)
+                    continue
+            if unmigrated:
+                log.info("database migrated: delivering")
+                unmigrated = 0
             if claimed:
                 continue
             self.wakeup.clear()
