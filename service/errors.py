@@ -105,9 +105,10 @@ class Conflict(DomainError):
 
 class UnsubscribedSince(DomainError):
     """A confirm link whose every subscription has ended since it was sent (the reader
-    unsubscribed, or the address bounced): the later change wins and nothing is activated."""
+    unsubscribed, or the address bounced): the later change wins and nothing is activated.
+    A 410, as for an expired link (the contract's answers for a token): the link is spent."""
 
-    status = 409
+    status = 410
     code = "unsubscribed_since"
     title = "You have since unsubscribed"
 

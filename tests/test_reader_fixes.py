@@ -239,11 +239,11 @@ async def test_a_confirm_link_clicked_after_unsubscribing_activates_nothing_and_
     api = await client.post(f"/v1/confirmations/{token}")
 
     for page in (shown, pressed):
-        assert page.status_code == 409
+        assert page.status_code == 410
         assert SINCE in page.text and "The Weekly" in page.text
         assert CONFIRMED not in page.text
         assert 'href="/subscribe/weekly"' in page.text
-    body = problem(api, 409)
+    body = problem(api, 410)
     assert body["type"] == "about:blank#unsubscribed_since"
     assert body["title"] == SINCE
     assert body["newsletters"] == ["weekly"]
@@ -268,8 +268,8 @@ async def test_a_confirm_link_used_again_after_unsubscribing_no_longer_says_conf
     again = await client.post(f"/confirm/{token}")
     api = await client.post(f"/v1/confirmations/{token}")
 
-    assert again.status_code == 409 and SINCE in again.text
-    assert problem(api, 409)["newsletters"] == ["weekly"]
+    assert again.status_code == 410 and SINCE in again.text
+    assert problem(api, 410)["newsletters"] == ["weekly"]
     assert await statuses(client, db) == {"reader@example.com": {"weekly": "unsubscribed"}}
 
 

@@ -232,7 +232,7 @@ async def _confirmed_page(request: Request, db: Database, token: str) -> Respons
 
 
 def unsubscribed_since(request: Request, exc: UnsubscribedSince) -> HTMLResponse:
-    """A confirm link clicked after the reader unsubscribed: the same 409 the API answers."""
+    """A confirm link clicked after the reader unsubscribed: the same 410 the API answers."""
     return render(request, "unsubscribed_since.html", {"newsletters": exc.newsletters}, exc.status)
 
 

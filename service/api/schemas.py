@@ -43,7 +43,7 @@ class Problem(BaseModel):
     status: int
     detail: str | None = None
     errors: list[ProblemField] | None = None
-    newsletters: list[str] | None = None  # a confirmation's 409: those unsubscribed since
+    newsletters: list[str] | None = None  # a confirmation's 410: those unsubscribed since
 
 
 def problem_response(description: str, example: dict[str, Any]) -> dict[str, Any]:
@@ -152,17 +152,9 @@ TOKEN_RESPONSES: dict[int | str, dict[str, Any]] = {
         {"type": "about:blank#unknown_token", "title": "This link is not valid", "status": 404},
     ),
     410: problem_response(
-        "Expired token",
+        'Expired token; or (type about:blank#unsubscribed_since, title "You have since'
+        ' unsubscribed", with `newsletters`) every subscription the link covers was'
+        " unsubscribed or bounced since: nothing was activated",
         {"type": "about:blank#expired_token", "title": "This link has expired", "status": 410},
-    ),
-    409: problem_response(
-        "Every subscription the link covers was unsubscribed (or bounced) since: nothing was"
-        " activated",
-        {
-            "type": "about:blank#unsubscribed_since",
-            "title": "You have since unsubscribed",
-            "status": 409,
-            "newsletters": ["weekly"],
-        },
     ),
 }
