@@ -8,9 +8,9 @@ json_to_recordset($1::json) AS r(column text, ...)`, each value cast to its colu
 (the same SQL text, hence one prepared statement, whatever the batch size). asyncpg's encoding
 of one typed array per column cost one to two microseconds a value, checks on every element
 included; the C JSON encoder costs a fraction of that. Timestamps are written in ISO 8601 with
-their offset. A JSON column's value is its JSON text, as SQLAlchemy's JSON type writes it
-(None is JSON null). The statements go through SQLAlchemy's connection
-(`exec_driver_sql`), so echo and execution events apply.
+their offset; a None in a JSON column is stored as JSON null, as SQLAlchemy's JSON type does.
+The statements go through SQLAlchemy's connection (`exec_driver_sql`), so echo and execution
+events apply.
 On SQLite each column's bind processor is looked up once and the driver's own executemany runs
 one C loop. Those statements go to aiosqlite itself, still in the caller's transaction: through
 SQLAlchemy each statement is three hand-offs to aiosqlite's thread (cursor, execute, close),
@@ -75,14 +75,14 @@ def _plan(
     target += f"({_quoted(dialect, columns)}) "
     if dialect.name == "postgresql":
         # Every value is read as text and cast to its column's type, as the arrays it replaced
-        # were (an explicit cast: a too-long string is cut, not refused). A JSON column's value
-        # travels as its JSON text: a nested value would be parsed with the document, where
-        # PostgreSQL refuses "\u0000".
+        # were (an explicit cast: a too-long string is cut, not refused). A JSON null would
+        # become SQL NULL: SQLAlchemy's JSON type stores it as JSON null.
         json_columns = tuple(name for name in columns if isinstance(table.c[name].type, JSON))
         record = ", ".join(f"{quote(name)} text" for name in columns)
         picked = ", ".join(
-            f"{quote(name)}::"
-            + ("json" if name in json_columns else table.c[name].type.compile(dialect=dialect))
+            f"coalesce({quote(name)}::json, 'null'::json)"
+            if name in json_columns
+            else f"{quote(name)}::{table.c[name].type.compile(dialect=dialect)}"
             for name in columns
         )
         # Names and types come from the schema, values travel as one parameter.
@@ -110,10 +110,7 @@ def _timestamp(value: object) -> str:
 
 
 def _document(plan: _Plan, rows: Sequence[dict[str, Any]]) -> str:
-    """Rows as the JSON array json_to_recordset reads (PostgreSQL); JSON columns as their
-    text, as SQLAlchemy's JSON type writes it (None is JSON null)."""
-    if plan.json_columns:
-        rows = [row | {c: json.dumps(row[c]) for c in plan.json_columns} for row in rows]
+    """Rows as the JSON array json_to_recordset reads (PostgreSQL)."""
     written: dict[Any, str] = {}  # a batch's rows share a few timestamps: format each once
 
     def timestamp(value: object) -> str:
@@ -122,7 +119,13 @@ def _document(plan: _Plan, rows: Sequence[dict[str, Any]]) -> str:
             text = written[value] = _timestamp(value)
         return text
 
-    return json.dumps(rows, default=timestamp, separators=(",", ":"))
+    document = json.dumps(rows, default=timestamp, separators=(",", ":"))
+    if plan.json_columns and "\\u0000" in document:
+        # PostgreSQL refuses "\u0000" in a value it parses with the document: JSON columns then
+        # travel as their JSON text, a string (rare: the inputs refuse NUL everywhere else).
+        rows = [row | {c: json.dumps(row[c]) for c in plan.json_columns} for row in rows]
+        document = json.dumps(rows, default=timestamp, separators=(",", ":"))
+    return document
 
 
 def _columns(
