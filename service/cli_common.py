@@ -12,6 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from service import migrate
 from service.config import Settings, load_settings
+from service.errors import first_line, schema_missing
 from service.observability import configure_logging
 
 # What a command may meet that is the setup's fault rather than a bug: a database that cannot
@@ -52,10 +53,9 @@ def describe_setup_error(exc: Exception) -> str:
         return f"migration: {exc}"
     if isinstance(exc, OSError) and exc.filename is not None:  # a file the command was given
         return f"{exc.strerror}: {exc.filename}"
-    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:300]
-    if "no such table" in text or ("relation" in text and "does not exist" in text):
+    if schema_missing(exc):
         return "the database has no schema yet; run `newsletter migrate` first"
-    return f"database: {text}"
+    return f"database: {first_line(exc)}"
 
 
 def run_command(app: Callable[[], object]) -> None:

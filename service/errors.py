@@ -226,7 +226,8 @@ def database_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, _UNREACHABLE)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The driver's own message when there is one, its first line, for one log line."""
     return str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:300]
 
 
@@ -270,7 +271,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_unreachable(_request: Request, exc: Exception) -> Response:
         if schema_missing(exc):
             # Found where the error surfaces, so no request pays for a check up front.
-            log.warning("database not migrated: run `newsletter migrate` (%s)", _first_line(exc))
+            log.warning("database not migrated: run `newsletter migrate` (%s)", first_line(exc))
             return problem(
                 503,
                 NOT_MIGRATED,
@@ -298,7 +299,7 @@ def install_error_handlers(app: FastAPI) -> None:
         # Two requests creating the same thing at once (the same slug, address or block):
         # each checked first and found nothing, and the database's unique index kept one.
         # Or one changing a row another has just deleted.
-        log.info("integrity error answered 409: %s", str(exc).splitlines()[0][:300])
+        log.info("integrity error answered 409: %s", first_line(exc))
         return problem(
             409,
             Conflict.title,

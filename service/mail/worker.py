@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from service import csv_import, purge, tokens, webhooks
 from service.config import Settings
 from service.db import Database
-from service.errors import schema_missing
+from service.errors import first_line, schema_missing
 from service.mail import outbox
 from service.mail.outbox import ClaimedMessage
 from service.mail.render import MailRenderer, OutgoingMail
@@ -410,7 +410,7 @@ class DeliveryWorker:
         if polls == 1:
             log.error(
                 "database not migrated: run `newsletter migrate`; delivery waits until it is (%s)",
-                str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:300],
+                first_line(exc),
             )
         delay = min(NOT_MIGRATED_MAX_WAIT, self.settings.worker_poll_interval * 2 ** min(polls, 16))
         with contextlib.suppress(TimeoutError):
