@@ -192,7 +192,6 @@ async def confirm(
         .execution_options(synchronize_session=False)
     )
     if claimed.rowcount == 0:  # type: ignore[attr-defined]
-        live, ended = await _still_wanted(session, found, newsletters)
         return ConfirmResult(live, already_confirmed=True, unsubscribed_since=ended)
     rows = await session.execute(
         update(Subscription)

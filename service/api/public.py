@@ -118,25 +118,18 @@ async def _with_unknown_newsletters(
     return InvalidInput([*error.errors[:at], unknown_newsletters(unknown), *error.errors[at:]])
 
 
-def _signup_answer(result: SignupResult) -> dict[str, str]:
-    if result.all_single_opt_in:
-        return {"status": "active", "message": SUBSCRIBED}
-    return {"status": "pending", "message": THANK_YOU}
-
-
-# The two JSON answers never vary: rendered once, as JSONResponse renders them.
-_ANSWER_BODIES = {
-    single: bytes(JSONResponse(_signup_answer(SignupResult(single, []))).body)
-    for single in (True, False)
+# A sign-up's answer, by whether every newsletter asked for is single opt-in; the JSON is
+# rendered once, as JSONResponse renders it: it never varies.
+_MESSAGES = {True: SUBSCRIBED, False: THANK_YOU}
+_JSON_ANSWERS = {
+    True: (200, bytes(JSONResponse({"status": "active", "message": SUBSCRIBED}).body)),
+    False: (202, bytes(JSONResponse({"status": "pending", "message": THANK_YOU}).body)),
 }
 
 
 def _signup_json(result: SignupResult) -> Response:
-    return Response(
-        _ANSWER_BODIES[result.all_single_opt_in],
-        status_code=200 if result.all_single_opt_in else 202,
-        media_type="application/json",
-    )
+    status, body = _JSON_ANSWERS[result.all_single_opt_in]
+    return Response(body, status_code=status, media_type="application/json")
 
 
 @router.post(
@@ -210,9 +203,8 @@ async def create_subscription(request: Request) -> Response:
         target = safe_redirect(result.redirect_url, first.allowed_origins if first else None)
         if target:  # only to one of the newsletter's own sites: never an open redirect
             return RedirectResponse(target, status_code=303)
-        return pages.render(
-            request, "thanks.html", {"result": result, "message": _signup_answer(result)["message"]}
-        )
+        message = _MESSAGES[result.all_single_opt_in]
+        return pages.render(request, "thanks.html", {"result": result, "message": message})
     return _signup_json(result)
 
 
