@@ -9,33 +9,26 @@ json_to_recordset($1::json) AS r(column text, ...)`, each value cast to its colu
 of one typed array per column cost one to two microseconds a value, checks on every element
 included; the C JSON encoder costs a fraction of that. Timestamps are written in ISO 8601 with
 their offset; a None in a JSON column is stored as JSON null, as SQLAlchemy's JSON type does.
-The statements go through SQLAlchemy's connection (`exec_driver_sql`), so echo and execution
-events apply.
 On SQLite each column's bind processor is looked up once and the driver's own executemany runs
-one C loop. Those statements go to aiosqlite itself, still in the caller's transaction: through
-SQLAlchemy each statement is three hand-offs to aiosqlite's thread (cursor, execute, close),
-here one, and those hand-offs, not CPU, were what a sign-up batch on SQLite waited for. Its
-errors are raised as SQLAlchemy's, as through the connection.
+one C loop. The statements run on a service.driver Runner: through SQLAlchemy's connection or
+on the driver itself; either way errors are raised as SQLAlchemy's.
 `insert_many` writes rows of several tables: on PostgreSQL in one statement (each table's
 insert a data-modifying CTE), so a sign-up batch pays one round trip for them all.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
-import sqlite3
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import JSON, Table
 from sqlalchemy.engine import Dialect
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
+from service.driver import Runner
 from service.models import Base
 
 SQLITE_MAX_PARAMETERS = 32_766
@@ -139,7 +132,7 @@ def _columns(
 
 
 async def insert_rows(
-    conn: AsyncConnection,
+    runner: Runner,
     table: Table,
     rows: Sequence[dict[str, Any]],
     *,
@@ -154,11 +147,11 @@ async def insert_rows(
     if not rows:
         return []
     names = tuple(rows[0])
-    dialect = conn.dialect
+    dialect = runner.dialect
     if dialect.name == "postgresql":
         plan = _plan(dialect, table.name, names, on_conflict_do_nothing, returning, 0)
-        result = await conn.exec_driver_sql(plan.sql, (_document(plan, rows),))
-        return [tuple(row) for row in result.all()] if returning else []
+        written = await runner.rows_sql(plan.sql, (_document(plan, rows),))
+        return written if returning else []
     if returning:
         # SQLite takes at most 32,766 parameters in one statement.
         per_statement = max(1, SQLITE_MAX_PARAMETERS // len(names))
@@ -166,7 +159,7 @@ async def insert_rows(
             found: list[tuple[Any, ...]] = []
             for start in range(0, len(rows), per_statement):
                 found += await insert_rows(
-                    conn,
+                    runner,
                     table,
                     rows[start : start + per_statement],
                     on_conflict_do_nothing=on_conflict_do_nothing,
@@ -175,31 +168,10 @@ async def insert_rows(
             return found
         plan = _plan(dialect, table.name, names, on_conflict_do_nothing, returning, len(rows))
         flat = [value for row in zip(*_columns(plan, names, rows), strict=True) for value in row]
-        async with _sqlite_errors(plan.sql, flat):
-            written = await (await _aiosqlite(conn)).execute_fetchall(plan.sql, flat)
-        return [tuple(row) for row in written]
+        return await runner.rows_sql(plan.sql, flat)
     plan = _plan(dialect, table.name, names, on_conflict_do_nothing, (), 1)
-    params = list(zip(*_columns(plan, names, rows), strict=True))
-    async with _sqlite_errors(plan.sql, params):
-        await (await _aiosqlite(conn)).executemany(plan.sql, params)
+    await runner.many_sql(plan.sql, list(zip(*_columns(plan, names, rows), strict=True)))
     return []
-
-
-async def _aiosqlite(conn: AsyncConnection) -> Any:
-    """The aiosqlite connection under `conn`, in the transaction SQLAlchemy has begun."""
-    if not conn.in_transaction():
-        # Outside one, the driver would commit each statement alone (isolation_level=None).
-        raise RuntimeError("bulk inserts on SQLite must run in a transaction")
-    return (await conn.get_raw_connection()).driver_connection
-
-
-@contextlib.asynccontextmanager
-async def _sqlite_errors(sql: str, params: Any) -> AsyncIterator[None]:
-    """sqlite3's errors as SQLAlchemy raises them (IntegrityError, OperationalError, ...)."""
-    try:
-        yield
-    except sqlite3.Error as exc:
-        raise DBAPIError.instance(sql, params, exc, sqlite3.Error) from exc
 
 
 @dataclass(frozen=True)
@@ -231,7 +203,7 @@ def _combined(
 
 
 async def insert_many(
-    conn: AsyncConnection,
+    runner: Runner,
     parts: Sequence[tuple[Table, Sequence[dict[str, Any]]]],
     then: FanOut | None = None,
 ) -> None:
@@ -241,17 +213,17 @@ async def insert_many(
     may refer by foreign key to rows written by another part of the same call. `then`
     (PostgreSQL only) runs in that statement too, after the first part's rows are written.
     """
-    if then is not None and conn.dialect.name != "postgresql":
+    if then is not None and runner.dialect.name != "postgresql":
         raise ValueError("a fan-out statement needs PostgreSQL")
     if then is not None and not parts[0][1]:
         then = None  # nothing written for it to read
     parts = [(table, rows) for table, rows in parts if rows]
-    if conn.dialect.name != "postgresql" or (len(parts) < 2 and then is None):
+    if runner.dialect.name != "postgresql" or (len(parts) < 2 and then is None):
         for table, rows in parts:
-            await insert_rows(conn, table, rows)
+            await insert_rows(runner, table, rows)
         return
     sql, plans = _combined(
-        conn.dialect, tuple((table.name, tuple(rows[0])) for table, rows in parts), then
+        runner.dialect, tuple((table.name, tuple(rows[0])) for table, rows in parts), then
     )
     documents = tuple(_document(plan, rows) for plan, (_, rows) in zip(plans, parts, strict=True))
-    await conn.exec_driver_sql(sql, documents)
+    await runner.rows_sql(sql, documents)

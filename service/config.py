@@ -139,8 +139,8 @@ class Settings(BaseSettings):
     )
     db_echo: bool = Field(
         default=False,
-        description="Log every SQL statement (debugging). On SQLite the sign-up batch's "
-        "multi-row inserts go to the driver directly and are not logged.",
+        description="Log every SQL statement (debugging). The sign-up batch runs on the "
+        "driver directly (service/driver.py) and is not logged.",
     )
     bounce_webhook_secret: str = Field(
         default="",

@@ -973,7 +973,7 @@ def _confirmed_events(job: _Job, subscriber_ids: list[int], now: datetime) -> li
 async def _webhooks_want_confirmed(session: AsyncSession) -> bool:
     """Whether an active webhook wants `subscription.confirmed`: then the events go through
     events.record(), which queues a call for each; otherwise one set-based INSERT is enough."""
-    hooks = (await (await session.connection()).execute(events.ACTIVE_WEBHOOKS)).all()
+    hooks = (await (await session.connection()).execute(events.ACTIVE_WEBHOOKS.statement)).all()
     return any("subscription.confirmed" in types for _, types in hooks)
 
 

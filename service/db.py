@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,10 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.util import greenlet_spawn
 
 from service.config import Settings
+from service.driver import AsyncpgRunner, Runner, SqliteRunner, wrapped_error
 
 
 def async_url(url: str) -> str:
@@ -100,7 +103,8 @@ def _ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
 
 
 class Database:
-    """Owns the engine; `transaction()` is the only way a use case gets a session."""
+    """Owns the engine; `transaction()` is the only way a use case gets a session, and
+    `driver_transaction()` the sign-up batch's way to the driver."""
 
     def __init__(self, settings: Settings) -> None:
         self.engine = create_engine(settings)
@@ -112,5 +116,52 @@ class Database:
         async with self.sessions() as session, session.begin():
             yield session
 
+    @asynccontextmanager
+    async def driver_transaction(self) -> AsyncIterator[Runner]:
+        """A transaction on a pooled connection's driver itself (asyncpg, aiosqlite), for the
+        statements of service.driver: committed when the block ends, rolled back if it
+        raises. A connection that fails to begin, commit or roll back leaves the pool."""
+        fairy = await self.engine.raw_connection()
+        conn = fairy.driver_connection
+        assert conn is not None  # a checked-out connection has its driver's
+        healthy = False
+        try:
+            runner: Runner
+            if self.is_sqlite:
+                runner = SqliteRunner(conn, self.engine.dialect)
+                await runner.rows_sql("BEGIN IMMEDIATE", ())  # as _sqlite_begin_immediate
+                finish, undo = conn.commit, conn.rollback
+            else:
+                runner = AsyncpgRunner(conn, self.engine.dialect)
+                started = await _driver_step("BEGIN", _begin_asyncpg(conn))
+                finish, undo = started.commit, started.rollback
+            try:
+                yield runner
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await undo()
+                    healthy = True
+                raise
+            await _driver_step("COMMIT", finish())
+            healthy = True
+        finally:
+            if not healthy:
+                await greenlet_spawn(fairy.invalidate)
+            await greenlet_spawn(fairy.close)
+
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+async def _begin_asyncpg(conn: Any) -> Any:
+    started = conn.transaction()  # raises at once on a closed connection
+    await started.start()
+    return started
+
+
+async def _driver_step(name: str, step: Awaitable[Any]) -> Any:
+    """BEGIN or COMMIT on the driver; its errors as SQLAlchemy's, as the statements' are."""
+    try:
+        return await step
+    except Exception as exc:
+        raise wrapped_error(name, (), exc) from exc

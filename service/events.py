@@ -6,10 +6,11 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, insert, select
+from sqlalchemy import Table, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service import bulk
+from service.driver import Query, Runner, SessionRunner
 from service.models import (
     Event,
     Newsletter,
@@ -30,7 +31,7 @@ EVENT_TYPES = (
 )
 
 
-ACTIVE_WEBHOOKS = select(Webhook.id, Webhook.event_types).where(Webhook.active)
+ACTIVE_WEBHOOKS = Query(select(Webhook.id, Webhook.event_types).where(Webhook.active))
 # On PostgreSQL a call to each webhook that wants an event is queued in the statement that
 # writes the events: a join with the webhooks, where reading them first cost a round trip.
 WEBHOOK_CALLS = bulk.FanOut(
@@ -77,25 +78,27 @@ async def record(
     `along`: other rows of the caller's, written with the events (bulk.insert_many's rules):
     a hot path saves a round trip per table.
     """
-    conn = await session.connection()
+    await record_on(SessionRunner(await session.connection()), rows, along)
+
+
+async def record_on(
+    runner: Runner,
+    rows: list[dict[str, Any]],
+    along: Sequence[tuple[Table, Sequence[dict[str, Any]]]] = (),
+) -> None:
+    """record() on a service.driver Runner."""
     if not rows:
-        await bulk.insert_many(conn, along)
+        await bulk.insert_many(runner, along)
         return
-    if conn.dialect.name == "postgresql":
-        await bulk.insert_many(conn, [(table(Event), rows), *along], then=WEBHOOK_CALLS)
+    if runner.dialect.name == "postgresql":
+        await bulk.insert_many(runner, [(table(Event), rows), *along], then=WEBHOOK_CALLS)
         return
-    hooks = (await conn.execute(ACTIVE_WEBHOOKS)).all()
-    wanted = [(hook_id, set(types)) for hook_id, types in hooks]
+    wanted = [(hook_id, set(types)) for hook_id, types in await runner.rows(ACTIVE_WEBHOOKS, {})]
     if not any(row["type"] in types for row in rows for _, types in wanted):
-        await bulk.insert_many(conn, [(table(Event), rows), *along])
+        await bulk.insert_many(runner, [(table(Event), rows), *along])
         return
-    await bulk.insert_many(conn, along)
-    result = await conn.execute(
-        insert(table(Event)).returning(
-            table(Event).c.id, table(Event).c.type, sort_by_parameter_order=True
-        ),
-        rows,
-    )
+    await bulk.insert_many(runner, along)
+    written = await bulk.insert_rows(runner, table(Event), rows, returning=("id", "type"))
     now = utcnow()
     calls = [
         {
@@ -109,11 +112,11 @@ async def record(
             "next_attempt_at": now,
             "created_at": now,
         }
-        for event_id, event_type in result.all()
+        for event_id, event_type in sorted(written)
         for hook_id, types in wanted
         if event_type in types
     ]
-    await conn.execute(insert(table(OutboxMessage)), calls)
+    await bulk.insert_rows(runner, table(OutboxMessage), calls)
 
 
 async def feed(

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service import bulk, events, suppression, tokens
 from service.config import Settings
+from service.driver import Query, Runner, SessionRunner, any_of
 from service.errors import InvalidInput, unknown_newsletters
 from service.models import (
     Confirmation,
@@ -78,34 +79,40 @@ class SignupResult:
         return self.newsletters[0].redirect_after_signup if self.newsletters else None
 
 
-# The hot path's statements, built once: building a SQL expression costs more CPU than
-# running it. Lists are expanding parameters.
+# The hot path's statements, built once (building a SQL expression costs more CPU than
+# running it) and run on a service.driver Runner. Lists are bound as one parameter each.
 _newsletters = table(Newsletter)
 # With each newsletter row, the blocklist entries that refuse one of the batch's addresses.
-NEWSLETTERS_BY_SLUG = select(_newsletters, suppression.BLOCKING.label("blocking")).where(
-    _newsletters.c.slug.in_(bindparam("slugs", expanding=True)),
-    _newsletters.c.archived_at.is_(None),
+NEWSLETTERS_BY_SLUG = Query(
+    select(_newsletters, suppression.BLOCKING.label("blocking")).where(
+        any_of(_newsletters.c.slug, "slugs"), _newsletters.c.archived_at.is_(None)
+    )
 )
 _subscribers = table(Subscriber)
-KNOWN_SUBSCRIBERS = select(
-    _subscribers.c.id, _subscribers.c.public_id, _subscribers.c.email_key
-).where(_subscribers.c.email_key.in_(bindparam("keys", expanding=True)))
+KNOWN_SUBSCRIBERS = Query(
+    select(_subscribers.c.id, _subscribers.c.public_id, _subscribers.c.email_key).where(
+        any_of(_subscribers.c.email_key, "keys")
+    )
+)
 _subs = table(Subscription)
-SUBSCRIPTIONS_OF = select(
-    _subs.c.subscriber_id, _subs.c.newsletter_id, _subs.c.id, _subs.c.status
-).where(_subs.c.subscriber_id.in_(bindparam("ids", expanding=True)))
+SUBSCRIPTIONS_OF = Query(
+    select(_subs.c.subscriber_id, _subs.c.newsletter_id, _subs.c.id, _subs.c.status).where(
+        any_of(_subs.c.subscriber_id, "ids")
+    )
+)
 _outbox = table(OutboxMessage)
-RECENT_CAPPED_MAIL = (
+RECENT_CAPPED_MAIL = Query(
     select(_outbox.c.subscriber_id, func.count(), func.max(_outbox.c.created_at))
     .where(
-        _outbox.c.subscriber_id.in_(bindparam("ids", expanding=True)),
+        any_of(_outbox.c.subscriber_id, "ids"),
         _outbox.c.created_at > bindparam("since", type_=UTCDateTime()),
-        _outbox.c.template.in_(CAPPED_TEMPLATES),
+        any_of(_outbox.c.template, "templates"),
     )
     .group_by(_outbox.c.subscriber_id)
 )
+_CONSENT_COLUMNS = ("consent_source", "consent_ip", "consent_user_agent", "consent_page")
 # One executemany for every known subscription a batch asks for again.
-RESUBSCRIBE = (
+RESUBSCRIBE = Query(
     update(_subs)
     .where(_subs.c.id == bindparam("sid"))
     .values(
@@ -113,6 +120,8 @@ RESUBSCRIBE = (
         updated_at=bindparam("changed_at"),
         pending_at=func.coalesce(bindparam("pending_stamp"), _subs.c.pending_at),
         confirmed_at=func.coalesce(bindparam("confirmed_stamp"), _subs.c.confirmed_at),
+        consent_at=bindparam("changed_at"),
+        **{name: bindparam(f"new_{name}") for name in _CONSENT_COLUMNS},
     )
 )
 
@@ -200,7 +209,17 @@ async def subscribe_many(
     requests: Sequence[tuple[SignupInput, Consent]],
     now: datetime | None = None,
 ) -> list[SignupResult | InvalidInput]:
-    """Apply sign-ups in the caller's transaction; one outcome per request, in order.
+    """Apply sign-ups in the session's transaction; one outcome per request, in order."""
+    return await subscribe_on(SessionRunner(await session.connection()), settings, requests, now)
+
+
+async def subscribe_on(
+    runner: Runner,
+    settings: Settings,
+    requests: Sequence[tuple[SignupInput, Consent]],
+    now: datetime | None = None,
+) -> list[SignupResult | InvalidInput]:
+    """Apply sign-ups in the runner's transaction; one outcome per request, in order.
 
     Double opt-in newsletters become pending and one confirmation mail covers them; single
     opt-in ones become active at once (an active subscription stays active); someone with
@@ -209,17 +228,17 @@ async def subscribe_many(
     """
     now = now or utcnow()
     slugs = {slug for data, _ in requests for slug in data.newsletters}
-    conn = await session.connection()  # Core execution: the ORM's per-statement cost is not needed
     keys = {data.address.key for data, _ in requests if not data.honeypot}
-    rows = await conn.execute(
+    rows = await runner.rows(
         NEWSLETTERS_BY_SLUG, {"slugs": list(slugs), **suppression.blocking_params(keys)}
     )
     found: dict[str, Newsletter] = {}
     blocking = None  # the same on every row
+    names = NEWSLETTERS_BY_SLUG.columns
     for row in rows:
-        columns = dict(row._mapping)
+        columns = dict(zip(names, row, strict=True))
         blocking = columns.pop("blocking")
-        found[row.slug] = Newsletter(**columns)
+        found[columns["slug"]] = Newsletter(**columns)
 
     outcomes: list[SignupResult | InvalidInput] = []
     accepted: list[_Work] = []
@@ -242,7 +261,7 @@ async def subscribe_many(
     # A suppressed address (bounced, complained, erased) comes back only through double
     # opt-in: single opt-in lists are not mailed or activated for it.
     single = [w for w in accepted if any(n.opt_in == OptIn.single.value for n in w.newsletters)]
-    held = await suppression.suppressed(session, {w.data.address.key for w in single})
+    held = await suppression.suppressed_on(runner, {w.data.address.key for w in single})
     for work in accepted:
         if work.data.address.key in refused:
             continue
@@ -257,15 +276,13 @@ async def subscribe_many(
             rounds.append(target)
         target[work.data.address.key] = work
     for batch in rounds:
-        await _apply(session, settings, list(batch.values()), now)
+        await _apply(runner, settings, list(batch.values()), now)
     return outcomes
 
 
-async def _apply(
-    session: AsyncSession, settings: Settings, batch: list[_Work], now: datetime
-) -> None:
-    await _upsert_subscribers(session, batch, now)
-    existing = await _existing_subscriptions(session, [w for w in batch if not w.created])
+async def _apply(runner: Runner, settings: Settings, batch: list[_Work], now: datetime) -> None:
+    await _upsert_subscribers(runner, batch, now)
+    existing = await _existing_subscriptions(runner, [w for w in batch if not w.created])
 
     new_rows: list[dict[str, Any]] = []
     again: list[dict[str, Any]] = []
@@ -288,6 +305,7 @@ async def _apply(
                     **({"opt_in": "single"} if single else {}),
                 )
             )
+            consent = work.consent.columns(now)
             if current is None:
                 new_rows.append(
                     {
@@ -298,7 +316,7 @@ async def _apply(
                         "updated_at": now,
                         "pending_at": None if single else now,
                         "confirmed_at": now if single else None,
-                        **work.consent.columns(now),
+                        **consent,
                     }
                 )
             else:
@@ -309,14 +327,13 @@ async def _apply(
                         "pending_stamp": None if single else now,
                         "confirmed_stamp": now if single else None,
                         "changed_at": now,
-                        **work.consent.columns(now),  # column-named keys fill the SET clause
+                        **{f"new_{name}": consent[name] for name in _CONSENT_COLUMNS},
                     }
                 )
-    if again:
-        await (await session.connection()).execute(RESUBSCRIBE, again)
-    confirmations, mails = await _mail(session, settings, batch, now)
-    await events.record(
-        session,
+    await runner.many(RESUBSCRIBE, again)
+    confirmations, mails = await _mail(runner, settings, batch, now)
+    await events.record_on(
+        runner,
         new_events,
         along=[
             (table(Subscription), new_rows),
@@ -326,7 +343,7 @@ async def _apply(
     )
 
 
-async def _upsert_subscribers(session: AsyncSession, batch: list[_Work], now: datetime) -> None:
+async def _upsert_subscribers(runner: Runner, batch: list[_Work], now: datetime) -> None:
     """Create the new subscribers, find the known ones. Name, language and attributes are
     only set on creation: an unauthenticated form must not rewrite what a reader gave."""
     by_key = {w.data.address.key: w for w in batch}
@@ -344,9 +361,8 @@ async def _upsert_subscribers(session: AsyncSession, batch: list[_Work], now: da
         }
         for w, public_id in zip(batch, public_ids, strict=True)
     ]
-    conn = await session.connection()
     created = await bulk.insert_rows(
-        conn,
+        runner,
         table(Subscriber),
         rows,
         on_conflict_do_nothing="email_key",
@@ -357,34 +373,32 @@ async def _upsert_subscribers(session: AsyncSession, batch: list[_Work], now: da
         work.subscriber_id, work.public_id, work.created = subscriber_id, public_id, True
     known = [key for key, w in by_key.items() if not w.created]
     if known:
-        found = await conn.execute(KNOWN_SUBSCRIBERS, {"keys": known})
-        for subscriber_id, public_id, key in found.all():
+        for subscriber_id, public_id, key in await runner.rows(KNOWN_SUBSCRIBERS, {"keys": known}):
             by_key[key].subscriber_id, by_key[key].public_id = subscriber_id, public_id
 
 
 async def _existing_subscriptions(
-    session: AsyncSession, known: list[_Work]
+    runner: Runner, known: list[_Work]
 ) -> dict[tuple[int, int], tuple[int, str]]:
     if not known:
         return {}
-    rows = await (await session.connection()).execute(
-        SUBSCRIPTIONS_OF, {"ids": [w.subscriber_id for w in known]}
-    )
-    return {(sub, nl): (sid, status) for sub, nl, sid, status in rows.all()}
+    rows = await runner.rows(SUBSCRIPTIONS_OF, {"ids": [w.subscriber_id for w in known]})
+    return {(sub, nl): (sid, status) for sub, nl, sid, status in rows}
 
 
 async def _under_cap(
-    session: AsyncSession, settings: Settings, subscriber_ids: list[int], now: datetime
+    runner: Runner, settings: Settings, subscriber_ids: list[int], now: datetime
 ) -> set[int]:
     """Which of these known subscribers may be sent another confirmation-type mail now."""
     if not subscriber_ids:
         return set()
-    rows = await (await session.connection()).execute(
-        RECENT_CAPPED_MAIL, {"ids": subscriber_ids, "since": now - timedelta(days=1)}
+    rows = await runner.rows(
+        RECENT_CAPPED_MAIL,
+        {"ids": subscriber_ids, "since": now - timedelta(days=1), "templates": CAPPED_TEMPLATES},
     )
     capped = {
         sub
-        for sub, count, latest in rows.all()
+        for sub, count, latest in rows
         if count >= settings.confirmation_mail_daily_cap
         or (latest is not None and now - _aware(latest) < settings.confirmation_mail_interval)
     }
@@ -404,14 +418,14 @@ def _wants_mail(work: _Work) -> bool:
 
 
 async def _mail(
-    session: AsyncSession, settings: Settings, batch: list[_Work], now: datetime
+    runner: Runner, settings: Settings, batch: list[_Work], now: datetime
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The confirmation and outbox rows of the mail this batch sends (each work's
     result.mail_queued says which)."""
     # Someone with nothing new to confirm hears "already subscribed" instead; both kinds of
     # mail share the per-address cap, so the form cannot be used to bomb an inbox.
     allowed = await _under_cap(
-        session,
+        runner,
         settings,
         [w.subscriber_id for w in batch if _wants_mail(w) and not w.created],
         now,

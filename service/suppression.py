@@ -6,31 +6,30 @@ import hashlib
 from collections.abc import Iterable
 from datetime import datetime
 
-from sqlalchemy import bindparam, delete, func, or_, select
+from sqlalchemy import delete, func, literal_column, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service import events
 from service.addresses import normalise
+from service.driver import Query, Runner, SessionRunner, any_of
 from service.errors import Conflict, FieldError, InvalidInput, NotFound
 from service.models import BlockedEntry, Suppression, table, utcnow
 
-# Built once (they run on every sign-up batch); lists are expanding parameters.
-SUPPRESSED = select(Suppression.email_hash).where(
-    Suppression.email_hash.in_(bindparam("hashes", expanding=True))
-)
+# Built once (they run on every sign-up batch); lists are bound as one parameter each.
+SUPPRESSED = Query(select(Suppression.email_hash).where(any_of(Suppression.email_hash, "hashes")))
 # The blocklist entries that refuse one of `keys` (addresses) or `domains`, as one text of
 # "kind:value" lines: a scalar that another query can carry (the sign-up batch reads it with
 # the newsletters, in one round trip).
 _entry = BlockedEntry.kind + ":" + BlockedEntry.value
 BLOCKING = (
-    select(func.aggregate_strings(_entry, "\n"))
+    # The separator as SQL text (typed as str only): SQLAlchemy renders a str separator into
+    # the SQL at execution time, and service.driver compiles a statement once.
+    select(func.aggregate_strings(_entry, literal_column("'\n'")))  # type: ignore[arg-type]
     .where(
         or_(
-            (BlockedEntry.kind == "address")
-            & BlockedEntry.value.in_(bindparam("keys", expanding=True)),
-            (BlockedEntry.kind == "domain")
-            & BlockedEntry.value.in_(bindparam("domains", expanding=True)),
+            (BlockedEntry.kind == "address") & any_of(BlockedEntry.value, "keys"),
+            (BlockedEntry.kind == "domain") & any_of(BlockedEntry.value, "domains"),
         )
     )
     .scalar_subquery()
@@ -70,11 +69,16 @@ async def lift(session: AsyncSession, email_key: str) -> None:
 
 async def suppressed(session: AsyncSession, email_keys: Iterable[str]) -> set[str]:
     """Which of these addresses are suppressed."""
+    return await suppressed_on(SessionRunner(await session.connection()), email_keys)
+
+
+async def suppressed_on(runner: Runner, email_keys: Iterable[str]) -> set[str]:
+    """suppressed() on a service.driver Runner."""
     by_hash = {address_hash(k): k for k in email_keys}
     if not by_hash:
         return set()
-    rows = await (await session.connection()).scalars(SUPPRESSED, {"hashes": list(by_hash)})
-    return {by_hash[h] for h in rows}
+    rows = await runner.rows(SUPPRESSED, {"hashes": list(by_hash)})
+    return {by_hash[h] for (h,) in rows}
 
 
 def blocking_params(email_keys: Iterable[str]) -> dict[str, list[str]]:

@@ -1,7 +1,10 @@
-"""The driver-level multi-row insert writes exactly what SQLAlchemy's insert writes."""
+"""The driver-level multi-row insert writes exactly what SQLAlchemy's insert writes, through
+SQLAlchemy's connection and on the driver itself (the sign-up batch's way)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -11,7 +14,24 @@ from sqlalchemy import insert, select
 
 from service import bulk
 from service.db import Database
+from service.driver import Runner, SessionRunner
 from service.models import Event, OutboxMessage, Subscriber, table
+
+
+@pytest.fixture(params=["session", "driver"])
+def way(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@contextlib.asynccontextmanager
+async def writing(db: Database, way: str) -> AsyncIterator[Runner]:
+    """A transaction to write in: SQLAlchemy's session, or the driver's own connection."""
+    if way == "driver":
+        async with db.driver_transaction() as runner:
+            yield runner
+        return
+    async with db.transaction() as session:
+        yield SessionRunner(await session.connection())
 
 
 def _subscriber(i: int, when: datetime) -> dict[str, Any]:
@@ -27,23 +47,23 @@ def _subscriber(i: int, when: datetime) -> dict[str, Any]:
     }
 
 
-async def test_rows_read_back_as_if_written_by_sqlalchemy(db: Database) -> None:
+async def test_rows_read_back_as_if_written_by_sqlalchemy(db: Database, way: str) -> None:
     when = datetime(2026, 11, 25, 12, 0, 0, 7, tzinfo=timezone(timedelta(hours=2)))
     by_driver = [_subscriber(i, when) for i in range(3)]
     by_orm = [
         _subscriber(i, when) | {"email_key": f"orm{i}", "public_id": f"o{i}"} for i in range(3)
     ]
     columns = [c for c in table(Subscriber).c if c.name not in ("id", "email_key", "public_id")]
-    async with db.transaction() as session:
-        conn = await session.connection()
+    async with writing(db, way) as runner:
         created = await bulk.insert_rows(
-            conn,
+            runner,
             table(Subscriber),
             by_driver,
             on_conflict_do_nothing="email_key",
             returning=("public_id", "email_key"),
         )
-        await conn.execute(insert(table(Subscriber)), by_orm)
+    async with db.transaction() as session:
+        await session.execute(insert(table(Subscriber)), by_orm)
     assert sorted(created) == sorted((r["public_id"], r["email_key"]) for r in by_driver)
     async with db.transaction() as session:
         rows = (await session.execute(select(*columns).order_by(table(Subscriber).c.id))).all()
@@ -53,13 +73,12 @@ async def test_rows_read_back_as_if_written_by_sqlalchemy(db: Database) -> None:
     assert rows[0].soft_bounces == 0  # the server default fills what is not given
 
 
-async def test_conflicts_are_skipped_and_not_returned(db: Database) -> None:
+async def test_conflicts_are_skipped_and_not_returned(db: Database, way: str) -> None:
     when = datetime.now(UTC)
-    async with db.transaction() as session:
-        conn = await session.connection()
-        await bulk.insert_rows(conn, table(Subscriber), [_subscriber(1, when)])
+    async with writing(db, way) as runner:
+        await bulk.insert_rows(runner, table(Subscriber), [_subscriber(1, when)])
         again = await bulk.insert_rows(
-            conn,
+            runner,
             table(Subscriber),
             [_subscriber(1, when) | {"public_id": "x"}, _subscriber(2, when)],
             on_conflict_do_nothing="email_key",
@@ -68,7 +87,7 @@ async def test_conflicts_are_skipped_and_not_returned(db: Database) -> None:
     assert again == [("ünïcode2@example.com",)]
 
 
-async def test_many_rows_without_returning_and_nothing_for_no_rows(db: Database) -> None:
+async def test_many_rows_without_returning_and_nothing_for_no_rows(db: Database, way: str) -> None:
     when = datetime.now(UTC)
     rows = [
         {
@@ -82,11 +101,11 @@ async def test_many_rows_without_returning_and_nothing_for_no_rows(db: Database)
         }
         for i in range(70)
     ]
+    async with writing(db, way) as runner:
+        assert await bulk.insert_rows(runner, table(Event), rows) == []
+        assert await bulk.insert_rows(runner, table(Event), []) == []
     async with db.transaction() as session:
-        conn = await session.connection()
-        assert await bulk.insert_rows(conn, table(Event), rows) == []
-        assert await bulk.insert_rows(conn, table(Event), []) == []
-        stored = (await conn.execute(select(table(Event).c.data))).scalars().all()
+        stored = (await session.execute(select(table(Event).c.data))).scalars().all()
     assert sorted(d["i"] for d in stored) == list(range(70))
 
 
@@ -94,19 +113,19 @@ async def test_a_column_with_a_python_default_must_be_given(db: Database) -> Non
     async with db.transaction() as session:
         with pytest.raises(ValueError, match=r"outbox\.status needs a value"):
             await bulk.insert_rows(
-                await session.connection(), table(OutboxMessage), [{"kind": "email"}]
+                SessionRunner(await session.connection()), table(OutboxMessage), [{"kind": "email"}]
             )
 
 
 async def test_more_rows_than_one_sqlite_statement_takes_are_all_written(
-    db: Database, monkeypatch: pytest.MonkeyPatch
+    db: Database, way: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(bulk, "SQLITE_MAX_PARAMETERS", 20)  # two rows of 8 columns a statement
     when = datetime.now(UTC)
     rows = [_subscriber(i, when) for i in range(5)]
-    async with db.transaction() as session:
+    async with writing(db, way) as runner:
         created = await bulk.insert_rows(
-            await session.connection(),
+            runner,
             table(Subscriber),
             rows,
             on_conflict_do_nothing="email_key",
@@ -133,8 +152,9 @@ async def test_rows_of_several_tables_are_written_in_one_statement_on_postgresql
     ]
     async with db.transaction() as session:
         conn = await session.connection()
+        runner = SessionRunner(conn)
         [(subscriber_id,)] = await bulk.insert_rows(
-            conn, table(Subscriber), [_subscriber(1, when)], returning=("id",)
+            runner, table(Subscriber), [_subscriber(1, when)], returning=("id",)
         )
         mails = [
             {
@@ -158,8 +178,8 @@ async def test_rows_of_several_tables_are_written_in_one_statement_on_postgresql
         sqlalchemy.event.listen(db.engine.sync_engine, "before_cursor_execute", count)
         try:
             parts = [(table(Event), events), (table(Subscriber), []), (table(OutboxMessage), mails)]
-            await bulk.insert_many(conn, parts)
-            await bulk.insert_many(conn, [])
+            await bulk.insert_many(runner, parts)
+            await bulk.insert_many(runner, [])
         finally:
             sqlalchemy.event.remove(db.engine.sync_engine, "before_cursor_execute", count)
         stored_events = (await conn.execute(select(table(Event)))).all()
@@ -180,34 +200,35 @@ async def test_rows_of_several_tables_are_written_in_one_statement_on_postgresql
 
 
 async def test_rows_are_part_of_the_callers_transaction_and_errors_are_sqlalchemys(
-    db: Database,
+    db: Database, way: str
 ) -> None:
     when = datetime.now(UTC)
     with pytest.raises(RuntimeError, match="rolled back"):
-        async with db.transaction() as session:
-            conn = await session.connection()
-            await bulk.insert_rows(conn, table(Subscriber), [_subscriber(1, when)])
+        async with writing(db, way) as runner:
+            await bulk.insert_rows(runner, table(Subscriber), [_subscriber(1, when)])
             await bulk.insert_rows(
-                conn, table(Subscriber), [_subscriber(2, when)], returning=("id",)
+                runner, table(Subscriber), [_subscriber(2, when)], returning=("id",)
             )
             raise RuntimeError("rolled back")
     async with db.transaction() as session:
-        conn = await session.connection()
-        assert (await conn.execute(select(table(Subscriber).c.id))).all() == []
-        await bulk.insert_rows(conn, table(Subscriber), [_subscriber(1, when)])
+        assert (await session.execute(select(table(Subscriber).c.id))).all() == []
+    async with writing(db, way) as runner:
+        await bulk.insert_rows(runner, table(Subscriber), [_subscriber(1, when)])
     # A unique key broken without ON CONFLICT: SQLAlchemy's IntegrityError, whatever the path.
     for returning in ((), ("id",)):
         with pytest.raises(sqlalchemy.exc.IntegrityError):
-            async with db.transaction() as session:
+            async with writing(db, way) as runner:
                 await bulk.insert_rows(
-                    await session.connection(),
+                    runner,
                     table(Subscriber),
                     [_subscriber(1, when) | {"public_id": "other"}],
                     returning=returning,
                 )
 
 
-async def test_none_in_a_json_column_is_stored_as_sqlalchemy_stores_it(db: Database) -> None:
+async def test_none_in_a_json_column_is_stored_as_sqlalchemy_stores_it(
+    db: Database, way: str
+) -> None:
     when = datetime.now(UTC)
     mail = {
         "kind": "email",
@@ -221,17 +242,17 @@ async def test_none_in_a_json_column_is_stored_as_sqlalchemy_stores_it(db: Datab
         "created_at": when,
     }
     outbox = table(OutboxMessage)
+    async with writing(db, way) as runner:
+        await bulk.insert_rows(runner, outbox, [mail | {"template": "driver"}])
     async with db.transaction() as session:
-        conn = await session.connection()
-        await bulk.insert_rows(conn, outbox, [mail | {"template": "driver"}])
-        await conn.execute(insert(outbox), [mail | {"template": "sqlalchemy"}])
+        await session.execute(insert(outbox), [mail | {"template": "sqlalchemy"}])
         null = outbox.c.payload.is_(None)
-        found = (await conn.execute(select(outbox.c.template, null))).all()
+        found = (await session.execute(select(outbox.c.template, null))).all()
     assert sorted(found) == sorted([("driver", False), ("sqlalchemy", False)])
 
 
 async def test_a_fan_out_statement_reads_the_first_parts_rows_on_postgresql_only(
-    db: Database,
+    db: Database, way: str
 ) -> None:
     when = datetime.now(UTC)
     fan_out = bulk.FanOut(
@@ -242,42 +263,44 @@ async def test_a_fan_out_statement_reads_the_first_parts_rows_on_postgresql_only
     rows = [
         {"type": "t", "actor": "test", "ip": None, "data": {}, "created_at": when} for _ in range(2)
     ]
-    async with db.transaction() as session:
-        conn = await session.connection()
+    async with writing(db, way) as runner:
         if db.engine.dialect.name != "postgresql":
             with pytest.raises(ValueError, match="PostgreSQL"):
-                await bulk.insert_many(conn, [(table(Event), rows)], then=fan_out)
+                await bulk.insert_many(runner, [(table(Event), rows)], then=fan_out)
             return
-        await bulk.insert_many(conn, [(table(Event), rows)], then=fan_out)
-        await bulk.insert_many(conn, [(table(Event), [])], then=fan_out)  # nothing to read
-        stored = (await conn.execute(select(table(Event)))).all()
+        await bulk.insert_many(runner, [(table(Event), rows)], then=fan_out)
+        await bulk.insert_many(runner, [(table(Event), [])], then=fan_out)  # nothing to read
+    async with db.transaction() as session:
+        stored = (await session.execute(select(table(Event)))).all()
     originals = {e.id for e in stored if e.actor == "test"}
     assert len(originals) == 2
     assert sorted(e.data["of"] for e in stored if e.actor == "fan-out") == sorted(originals)
 
 
-async def test_json_values_holding_nul_characters_read_back_as_written(db: Database) -> None:
+async def test_json_values_holding_nul_characters_read_back_as_written(
+    db: Database, way: str
+) -> None:
     """PostgreSQL refuses "\\u0000" where it parses JSON into text; a JSON column keeps it."""
     when = datetime.now(UTC)
     hostile = {"k\x00": "x\x00y", "list": ["\x00"]}
-    async with db.transaction() as session:
-        conn = await session.connection()
+    async with writing(db, way) as runner:
         await bulk.insert_rows(
-            conn, table(Subscriber), [_subscriber(1, when) | {"attributes": hostile}]
+            runner, table(Subscriber), [_subscriber(1, when) | {"attributes": hostile}]
         )
-        stored = await conn.scalar(select(table(Subscriber).c.attributes))
+    async with db.transaction() as session:
+        stored = await session.scalar(select(table(Subscriber).c.attributes))
     assert stored == hostile
 
 
 async def test_a_value_longer_than_its_column_is_cut_as_an_explicit_cast_cuts_it(
-    db: Database,
+    db: Database, way: str
 ) -> None:
     """As the typed arrays this replaced did: an actor named by a 100-character key name."""
     if db.engine.dialect.name != "postgresql":
         pytest.skip("SQLite does not enforce VARCHAR lengths")
     row = {"type": "t", "actor": "key:" + "k" * 100, "ip": None, "data": {}}
+    async with writing(db, way) as runner:
+        await bulk.insert_rows(runner, table(Event), [row | {"created_at": datetime.now(UTC)}])
     async with db.transaction() as session:
-        conn = await session.connection()
-        await bulk.insert_rows(conn, table(Event), [row | {"created_at": datetime.now(UTC)}])
-        actor = await conn.scalar(select(table(Event).c.actor))
+        actor = await session.scalar(select(table(Event).c.actor))
     assert actor == ("key:" + "k" * 100)[:100]
