@@ -2,6 +2,7 @@
 """Sign-up throughput: uvicorn (one worker) on loopback, wrk posting new addresses.
 
     python bench/signup.py [--duration 15] [--connections 16] [--backends sqlite,postgresql,nodb]
+                           [--rounds 3]
 
 For each backend: a fresh migrated database with the double opt-in newsletter `bench`, the
 service under `uvicorn service.app:create_app --factory` (one worker, no access log, log level
@@ -23,6 +24,7 @@ import secrets
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -375,6 +377,28 @@ def print_targets(results: list[BackendResult]) -> None:
         )
 
 
+def print_rounds(rounds: list[list[BackendResult]]) -> None:
+    """Each round's share of the no-database endpoint measured in that round, and the
+    medians: the machine's speed drifts over minutes, so a share is only fair within a round."""
+    print(f"\nAll {len(rounds)} rounds (share: of the same round's nodb):")
+    backends = [r.backend for r in rounds[0] if r.backend != "nodb"]
+    for backend in backends:
+        shares, p99s, rates = [], [], []
+        for round_ in rounds:
+            nodb = next((r.run.rps for r in round_ if r.backend == "nodb"), None)
+            run = next(r.run for r in round_ if r.backend == backend)
+            rates.append(run.rps)
+            p99s.append(run.p99_ms)
+            if nodb:
+                shares.append(run.rps / nodb)
+        line = ", ".join(
+            f"{rate:.0f}/s" + (f" ({share:.0%})" if shares else "") + f" p99 {p99:.1f} ms"
+            for rate, share, p99 in zip(rates, shares or [0.0] * len(rates), p99s, strict=True)
+        )
+        median = f"; median share {statistics.median(shares):.0%}" if shares else ""
+        print(f"  {backend:<11} {line}{median}, median p99 {statistics.median(p99s):.1f} ms")
+
+
 def save(results: list[BackendResult], args: argparse.Namespace, info: dict[str, str]) -> Path:
     harness.RESULTS_DIR.mkdir(exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
@@ -427,6 +451,13 @@ def parse_args() -> argparse.Namespace:
         metavar="NAME=VALUE",
         help="Extra environment for the server, e.g. NEWSLETTER_SIGNUP_BATCH_CONSUMERS=4.",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="Run every backend this many times, in turn, and give each round's share and the "
+        "medians.",
+    )
     parser.add_argument("--json", type=Path, help="Where to write the results.")
     args = parser.parse_args()
     if any("=" not in item for item in args.server_env):
@@ -460,11 +491,17 @@ def main() -> int:
     print(f"Server environment: NEWSLETTER_SIGNUP_RATE_LIMIT={RATE_LIMIT} (out of reach)")
     if args.server_env:
         print(f"  and: {' '.join(f'{k}={v}' for k, v in args.server_env.items())}")
-    results = [bench_backend(backend, args) for backend in args.backends]
-    print_table(results)
-    print_checks(results, args)
-    print_targets(results)
-    print(f"\nResults written to {save(results, args, info)}")
+    rounds: list[list[BackendResult]] = []
+    for number in range(1, args.rounds + 1):
+        if args.rounds > 1:
+            print(f"\n#### round {number} of {args.rounds}")
+        rounds.append([bench_backend(backend, args) for backend in args.backends])
+        print_table(rounds[-1])
+        print_checks(rounds[-1], args)
+        print_targets(rounds[-1])
+    if args.rounds > 1:
+        print_rounds(rounds)
+    print(f"\nResults written to {save([r for round_ in rounds for r in round_], args, info)}")
     return 0
 
 

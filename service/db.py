@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar, cast
 
 from sqlalchemy import event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -21,7 +23,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.util import greenlet_spawn
 
 from service.config import Settings
-from service.driver import AsyncpgRunner, Runner, SqliteRunner, wrapped_error
+from service.driver import AsyncpgRunner, Runner, SqliteThreadRunner, wrapped_error
 
 
 def async_url(url: str) -> str:
@@ -102,9 +104,12 @@ def _ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
         raise DisconnectionError() from exc
 
 
+T = TypeVar("T")
+
+
 class Database:
     """Owns the engine; `transaction()` is the only way a use case gets a session, and
-    `driver_transaction()` the sign-up batch's way to the driver."""
+    `run_on_driver()` the sign-up batch's way to the driver."""
 
     def __init__(self, settings: Settings) -> None:
         self.engine = create_engine(settings)
@@ -116,34 +121,40 @@ class Database:
         async with self.sessions() as session, session.begin():
             yield session
 
-    @asynccontextmanager
-    async def driver_transaction(self) -> AsyncIterator[Runner]:
-        """A transaction on a pooled connection's driver itself (asyncpg, aiosqlite), for the
-        statements of service.driver: committed when the block ends, rolled back if it
-        raises. A connection that fails to begin, commit or roll back leaves the pool."""
+    async def run_on_driver(self, work: Callable[[Runner], Coroutine[Any, Any, T]]) -> T:
+        """Run `work` in one transaction on a pooled connection's driver itself (asyncpg,
+        aiosqlite), with the statements of service.driver: committed when it returns, rolled
+        back if it raises. A connection that fails to begin, commit or roll back is dropped.
+
+        On SQLite all of `work` runs in aiosqlite's thread, in one hand-off: each statement
+        handed to that thread on its own cost about 50 µs of CPU and 70 µs of waiting (measured
+        here), ten of them a sign-up batch. `work` must then only await the runner.
+        """
         fairy = await self.engine.raw_connection()
         conn = fairy.driver_connection
         assert conn is not None  # a checked-out connection has its driver's
         healthy = False
         try:
-            runner: Runner
             if self.is_sqlite:
-                runner = SqliteRunner(conn, self.engine.dialect)
-                await runner.rows_sql("BEGIN IMMEDIATE", ())  # as _sqlite_begin_immediate
-                finish, undo = conn.commit, conn.rollback
-            else:
-                runner = AsyncpgRunner(conn, self.engine.dialect)
-                started = await _driver_step("BEGIN", _begin_asyncpg(conn))
-                finish, undo = started.commit, started.rollback
+                # aiosqlite's queue to its thread and its sqlite3 connection, as SQLAlchemy's
+                # own aiosqlite adapter uses them.
+                outcome: _Outcome[T] = await conn._execute(
+                    _sqlite_transaction, conn._conn, self.engine.dialect, work
+                )
+                healthy = outcome.healthy
+                return outcome.value()
+            runner = AsyncpgRunner(conn, self.engine.dialect)
+            started = await _driver_step("BEGIN", _begin_asyncpg(conn))
             try:
-                yield runner
+                result = await work(runner)
             except BaseException:
                 with contextlib.suppress(Exception):
-                    await undo()
+                    await started.rollback()
                     healthy = True
                 raise
-            await _driver_step("COMMIT", finish())
+            await _driver_step("COMMIT", started.commit())
             healthy = True
+            return result
         finally:
             if not healthy:
                 await greenlet_spawn(fairy.invalidate)
@@ -151,6 +162,51 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+@dataclass
+class _Outcome(Generic[T]):
+    """What a transaction in SQLite's thread came to, and whether its connection is whole."""
+
+    healthy: bool
+    result: T | None = None
+    error: BaseException | None = None
+
+    def value(self) -> T:
+        if self.error is not None:
+            raise self.error
+        return self.result  # type: ignore[return-value]
+
+
+def _sqlite_transaction(
+    conn: sqlite3.Connection, dialect: Dialect, work: Callable[[Runner], Coroutine[Any, Any, T]]
+) -> _Outcome[T]:
+    """In aiosqlite's thread: BEGIN IMMEDIATE (as _sqlite_begin_immediate), `work`, COMMIT."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.Error as exc:
+        return _Outcome(not conn.in_transaction, error=wrapped_error("BEGIN", (), exc))
+    try:
+        result = _to_end(work(SqliteThreadRunner(conn, dialect)))
+        conn.commit()
+    except BaseException as exc:
+        error = wrapped_error("COMMIT", (), exc) if isinstance(exc, sqlite3.Error) else exc
+        try:
+            conn.rollback()
+        except sqlite3.Error:
+            return _Outcome(False, error=error)
+        return _Outcome(True, error=error)
+    return _Outcome(True, result)
+
+
+def _to_end(work: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that never suspends (its awaits are synchronous calls) to its end."""
+    try:
+        work.send(None)
+    except StopIteration as done:
+        return cast(T, done.value)
+    work.close()
+    raise RuntimeError("work in SQLite's thread may await only its runner")
 
 
 async def _begin_asyncpg(conn: Any) -> Any:

@@ -235,8 +235,8 @@ def wrapped_error(sql: str, args: Any, exc: Exception) -> StatementError:
     return DBAPIError.instance(sql, args, exc, Exception)
 
 
-class AsyncpgRunner:
-    """Straight on an asyncpg connection."""
+class _DriverRunner:
+    """rows() and many() on top of a driver's own rows_sql() and many_sql()."""
 
     def __init__(self, conn: Any, dialect: Dialect) -> None:
         self.conn = conn
@@ -249,6 +249,16 @@ class AsyncpgRunner:
     async def many(self, query: Query, params: Sequence[Mapping[str, Any]]) -> None:
         compiled = query.compiled(self.dialect)
         await self.many_sql(compiled.sql, [_arguments(compiled, p) for p in params])
+
+    async def rows_sql(self, sql: str, args: Sequence[Any]) -> list[Row]:
+        raise NotImplementedError
+
+    async def many_sql(self, sql: str, args: Sequence[Sequence[Any]]) -> None:
+        raise NotImplementedError
+
+
+class AsyncpgRunner(_DriverRunner):
+    """Straight on an asyncpg connection."""
 
     async def rows_sql(self, sql: str, args: Sequence[Any]) -> list[Row]:
         try:
@@ -265,20 +275,8 @@ class AsyncpgRunner:
             raise wrapped_error(sql, args, exc) from exc
 
 
-class SqliteRunner:
+class SqliteRunner(_DriverRunner):
     """Straight on an aiosqlite connection: one hand-off to its thread per statement."""
-
-    def __init__(self, conn: Any, dialect: Dialect) -> None:
-        self.conn = conn
-        self.dialect = dialect
-
-    async def rows(self, query: Query, params: Mapping[str, Any]) -> list[Row]:
-        compiled = query.compiled(self.dialect)
-        return _processed(compiled, await self.rows_sql(compiled.sql, _arguments(compiled, params)))
-
-    async def many(self, query: Query, params: Sequence[Mapping[str, Any]]) -> None:
-        compiled = query.compiled(self.dialect)
-        await self.many_sql(compiled.sql, [_arguments(compiled, p) for p in params])
 
     async def rows_sql(self, sql: str, args: Sequence[Any]) -> list[Row]:
         try:
@@ -291,5 +289,24 @@ class SqliteRunner:
             return
         try:
             await self.conn.executemany(sql, args)
+        except sqlite3.Error as exc:
+            raise wrapped_error(sql, args, exc) from exc
+
+
+class SqliteThreadRunner(_DriverRunner):
+    """Plain sqlite3 calls, made from the connection's own thread (aiosqlite's): the awaits of
+    the code using it never suspend, so that code runs there to its end in one hand-off."""
+
+    async def rows_sql(self, sql: str, args: Sequence[Any]) -> list[Row]:
+        try:
+            return [tuple(row) for row in self.conn.execute(sql, args).fetchall()]
+        except sqlite3.Error as exc:
+            raise wrapped_error(sql, args, exc) from exc
+
+    async def many_sql(self, sql: str, args: Sequence[Sequence[Any]]) -> None:
+        if not args:
+            return
+        try:
+            self.conn.executemany(sql, args)
         except sqlite3.Error as exc:
             raise wrapped_error(sql, args, exc) from exc

@@ -94,10 +94,10 @@ class SignupBatcher:
     async def _process(self, batch: list[_Pending]) -> None:
         try:
             # On the driver itself: see service.driver for what SQLAlchemy's layer cost here.
-            async with self.db.driver_transaction() as runner:
-                outcomes = await subscribe_on(
-                    runner, self.settings, [(p.data, p.consent) for p in batch]
-                )
+            requests = [(p.data, p.consent) for p in batch]
+            outcomes = await self.db.run_on_driver(
+                lambda runner: subscribe_on(runner, self.settings, requests)
+            )
         except RETRYABLE:
             log.warning("sign-up batch of %d failed; retrying one by one", len(batch))
             for item in batch:

@@ -3,10 +3,10 @@ SQLAlchemy's connection and on the driver itself (the sign-up batch's way)."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import sqlalchemy
@@ -17,21 +17,21 @@ from service.db import Database
 from service.driver import Runner, SessionRunner
 from service.models import Event, OutboxMessage, Subscriber, table
 
+T = TypeVar("T")
+
 
 @pytest.fixture(params=["session", "driver"])
 def way(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@contextlib.asynccontextmanager
-async def writing(db: Database, way: str) -> AsyncIterator[Runner]:
-    """A transaction to write in: SQLAlchemy's session, or the driver's own connection."""
+async def write(db: Database, way: str, work: Callable[[Runner], Coroutine[Any, Any, T]]) -> T:
+    """`work` in one transaction: SQLAlchemy's session, or the driver's own connection (on
+    SQLite, in aiosqlite's thread)."""
     if way == "driver":
-        async with db.driver_transaction() as runner:
-            yield runner
-        return
+        return await db.run_on_driver(work)
     async with db.transaction() as session:
-        yield SessionRunner(await session.connection())
+        return await work(SessionRunner(await session.connection()))
 
 
 def _subscriber(i: int, when: datetime) -> dict[str, Any]:
@@ -54,14 +54,17 @@ async def test_rows_read_back_as_if_written_by_sqlalchemy(db: Database, way: str
         _subscriber(i, when) | {"email_key": f"orm{i}", "public_id": f"o{i}"} for i in range(3)
     ]
     columns = [c for c in table(Subscriber).c if c.name not in ("id", "email_key", "public_id")]
-    async with writing(db, way) as runner:
-        created = await bulk.insert_rows(
+
+    async def work(runner: Runner) -> list[tuple[Any, ...]]:
+        return await bulk.insert_rows(
             runner,
             table(Subscriber),
             by_driver,
             on_conflict_do_nothing="email_key",
             returning=("public_id", "email_key"),
         )
+
+    created = await write(db, way, work)
     async with db.transaction() as session:
         await session.execute(insert(table(Subscriber)), by_orm)
     assert sorted(created) == sorted((r["public_id"], r["email_key"]) for r in by_driver)
@@ -75,15 +78,18 @@ async def test_rows_read_back_as_if_written_by_sqlalchemy(db: Database, way: str
 
 async def test_conflicts_are_skipped_and_not_returned(db: Database, way: str) -> None:
     when = datetime.now(UTC)
-    async with writing(db, way) as runner:
+
+    async def work(runner: Runner) -> list[tuple[Any, ...]]:
         await bulk.insert_rows(runner, table(Subscriber), [_subscriber(1, when)])
-        again = await bulk.insert_rows(
+        return await bulk.insert_rows(
             runner,
             table(Subscriber),
             [_subscriber(1, when) | {"public_id": "x"}, _subscriber(2, when)],
             on_conflict_do_nothing="email_key",
             returning=("email_key",),
         )
+
+    again = await write(db, way, work)
     assert again == [("ünïcode2@example.com",)]
 
 
@@ -101,9 +107,14 @@ async def test_many_rows_without_returning_and_nothing_for_no_rows(db: Database,
         }
         for i in range(70)
     ]
-    async with writing(db, way) as runner:
-        assert await bulk.insert_rows(runner, table(Event), rows) == []
-        assert await bulk.insert_rows(runner, table(Event), []) == []
+
+    async def work(runner: Runner) -> list[list[tuple[Any, ...]]]:
+        return [
+            await bulk.insert_rows(runner, table(Event), rows),
+            await bulk.insert_rows(runner, table(Event), []),
+        ]
+
+    assert await write(db, way, work) == [[], []]
     async with db.transaction() as session:
         stored = (await session.execute(select(table(Event).c.data))).scalars().all()
     assert sorted(d["i"] for d in stored) == list(range(70))
@@ -123,14 +134,17 @@ async def test_more_rows_than_one_sqlite_statement_takes_are_all_written(
     monkeypatch.setattr(bulk, "SQLITE_MAX_PARAMETERS", 20)  # two rows of 8 columns a statement
     when = datetime.now(UTC)
     rows = [_subscriber(i, when) for i in range(5)]
-    async with writing(db, way) as runner:
-        created = await bulk.insert_rows(
+
+    async def work(runner: Runner) -> list[tuple[Any, ...]]:
+        return await bulk.insert_rows(
             runner,
             table(Subscriber),
             rows,
             on_conflict_do_nothing="email_key",
             returning=("email_key",),
         )
+
+    created = await write(db, way, work)
     assert sorted(created) == sorted((r["email_key"],) for r in rows)
 
 
@@ -203,27 +217,33 @@ async def test_rows_are_part_of_the_callers_transaction_and_errors_are_sqlalchem
     db: Database, way: str
 ) -> None:
     when = datetime.now(UTC)
+
+    async def fails(runner: Runner) -> None:
+        await bulk.insert_rows(runner, table(Subscriber), [_subscriber(1, when)])
+        await bulk.insert_rows(runner, table(Subscriber), [_subscriber(2, when)], returning=("id",))
+        raise RuntimeError("rolled back")
+
     with pytest.raises(RuntimeError, match="rolled back"):
-        async with writing(db, way) as runner:
-            await bulk.insert_rows(runner, table(Subscriber), [_subscriber(1, when)])
-            await bulk.insert_rows(
-                runner, table(Subscriber), [_subscriber(2, when)], returning=("id",)
-            )
-            raise RuntimeError("rolled back")
+        await write(db, way, fails)
     async with db.transaction() as session:
         assert (await session.execute(select(table(Subscriber).c.id))).all() == []
-    async with writing(db, way) as runner:
-        await bulk.insert_rows(runner, table(Subscriber), [_subscriber(1, when)])
-    # A unique key broken without ON CONFLICT: SQLAlchemy's IntegrityError, whatever the path.
+
+    async def first(runner: Runner) -> list[tuple[Any, ...]]:
+        return await bulk.insert_rows(runner, table(Subscriber), [_subscriber(1, when)])
+
+    await write(db, way, first)
+    # A unique key broken without ON CONFLICT: SQLAlchemy's IntegrityError, whatever the path,
+    # and the connection serves the next transaction.
     for returning in ((), ("id",)):
+
+        async def again(runner: Runner, returning: tuple[str, ...] = returning) -> None:
+            other = _subscriber(1, when) | {"public_id": "other"}
+            await bulk.insert_rows(runner, table(Subscriber), [other], returning=returning)
+
         with pytest.raises(sqlalchemy.exc.IntegrityError):
-            async with writing(db, way) as runner:
-                await bulk.insert_rows(
-                    runner,
-                    table(Subscriber),
-                    [_subscriber(1, when) | {"public_id": "other"}],
-                    returning=returning,
-                )
+            await write(db, way, again)
+    async with db.transaction() as session:
+        assert len((await session.execute(select(table(Subscriber).c.id))).all()) == 1
 
 
 async def test_none_in_a_json_column_is_stored_as_sqlalchemy_stores_it(
@@ -242,8 +262,11 @@ async def test_none_in_a_json_column_is_stored_as_sqlalchemy_stores_it(
         "created_at": when,
     }
     outbox = table(OutboxMessage)
-    async with writing(db, way) as runner:
-        await bulk.insert_rows(runner, outbox, [mail | {"template": "driver"}])
+
+    async def work(runner: Runner) -> list[tuple[Any, ...]]:
+        return await bulk.insert_rows(runner, outbox, [mail | {"template": "driver"}])
+
+    await write(db, way, work)
     async with db.transaction() as session:
         await session.execute(insert(outbox), [mail | {"template": "sqlalchemy"}])
         null = outbox.c.payload.is_(None)
@@ -263,13 +286,16 @@ async def test_a_fan_out_statement_reads_the_first_parts_rows_on_postgresql_only
     rows = [
         {"type": "t", "actor": "test", "ip": None, "data": {}, "created_at": when} for _ in range(2)
     ]
-    async with writing(db, way) as runner:
-        if db.engine.dialect.name != "postgresql":
-            with pytest.raises(ValueError, match="PostgreSQL"):
-                await bulk.insert_many(runner, [(table(Event), rows)], then=fan_out)
-            return
+
+    async def work(runner: Runner) -> None:
         await bulk.insert_many(runner, [(table(Event), rows)], then=fan_out)
         await bulk.insert_many(runner, [(table(Event), [])], then=fan_out)  # nothing to read
+
+    if db.engine.dialect.name != "postgresql":
+        with pytest.raises(ValueError, match="PostgreSQL"):
+            await write(db, way, work)
+        return
+    await write(db, way, work)
     async with db.transaction() as session:
         stored = (await session.execute(select(table(Event)))).all()
     originals = {e.id for e in stored if e.actor == "test"}
@@ -283,10 +309,12 @@ async def test_json_values_holding_nul_characters_read_back_as_written(
     """PostgreSQL refuses "\\u0000" where it parses JSON into text; a JSON column keeps it."""
     when = datetime.now(UTC)
     hostile = {"k\x00": "x\x00y", "list": ["\x00"]}
-    async with writing(db, way) as runner:
-        await bulk.insert_rows(
-            runner, table(Subscriber), [_subscriber(1, when) | {"attributes": hostile}]
-        )
+
+    async def work(runner: Runner) -> list[tuple[Any, ...]]:
+        row = _subscriber(1, when) | {"attributes": hostile}
+        return await bulk.insert_rows(runner, table(Subscriber), [row])
+
+    await write(db, way, work)
     async with db.transaction() as session:
         stored = await session.scalar(select(table(Subscriber).c.attributes))
     assert stored == hostile
@@ -299,8 +327,36 @@ async def test_a_value_longer_than_its_column_is_cut_as_an_explicit_cast_cuts_it
     if db.engine.dialect.name != "postgresql":
         pytest.skip("SQLite does not enforce VARCHAR lengths")
     row = {"type": "t", "actor": "key:" + "k" * 100, "ip": None, "data": {}}
-    async with writing(db, way) as runner:
-        await bulk.insert_rows(runner, table(Event), [row | {"created_at": datetime.now(UTC)}])
+
+    async def work(runner: Runner) -> list[tuple[Any, ...]]:
+        return await bulk.insert_rows(
+            runner, table(Event), [row | {"created_at": datetime.now(UTC)}]
+        )
+
+    await write(db, way, work)
     async with db.transaction() as session:
         actor = await session.scalar(select(table(Event).c.actor))
     assert actor == ("key:" + "k" * 100)[:100]
+
+
+async def test_work_that_waits_for_something_else_is_refused_on_sqlites_thread(
+    db: Database,
+) -> None:
+    """On SQLite the work runs in aiosqlite's thread, where only the runner may be awaited;
+    what it wrote is rolled back and the connection serves the next transaction."""
+    when = datetime.now(UTC)
+
+    async def waits(runner: Runner) -> None:
+        await bulk.insert_rows(runner, table(Subscriber), [_subscriber(1, when)])
+        await asyncio.sleep(0)
+
+    if db.is_sqlite:
+        with pytest.raises(RuntimeError, match="may await only its runner"):
+            await db.run_on_driver(waits)
+    else:
+        await db.run_on_driver(waits)
+
+    async def count(runner: Runner) -> list[tuple[Any, ...]]:
+        return await runner.rows_sql("SELECT count(*) FROM subscribers", ())
+
+    assert await db.run_on_driver(count) == [(0 if db.is_sqlite else 1,)]
