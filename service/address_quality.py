@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import logging
@@ -141,11 +142,15 @@ def _read_domains(path: Path) -> tuple[frozenset[str], frozenset[str]]:
     return frozenset(added), frozenset(removed)
 
 
-def _ascii(domain: str) -> str:
-    try:
-        return domain.encode("idna").decode("ascii")
-    except UnicodeError:
-        return domain
+@functools.lru_cache(maxsize=4096)
+def _suffixes(domain: str) -> tuple[str, ...]:
+    """mail.example.com, example.com for mail.example.com, in ASCII (IDNA). Cached: every
+    sign-up asks, and most come from a few domains."""
+    domain = domain.lower().rstrip(".")
+    with contextlib.suppress(UnicodeError):
+        domain = domain.encode("idna").decode("ascii")
+    labels = domain.split(".")
+    return tuple(".".join(labels[start:]) for start in range(len(labels) - 1))
 
 
 def _global_address(text: str) -> bool:
@@ -205,9 +210,7 @@ class AddressQuality:
     def is_disposable(self, domain: str) -> bool:
         """True for a listed domain or a subdomain of one."""
         added, removed = self._extra_domains()
-        labels = _ascii(domain.lower().rstrip(".")).split(".")
-        for start in range(len(labels) - 1):
-            candidate = ".".join(labels[start:])
+        for candidate in _suffixes(domain):
             if candidate in removed:
                 return False
             if candidate in added or candidate in PACKAGE_DISPOSABLE:

@@ -361,7 +361,7 @@ class SignupLimiter:
         )
         self.trusted = parse_networks(settings.trusted_proxies)
         self.pepper = (settings.secret_keys[0] if settings.secret_keys else "").encode()
-        self._keys: dict[str, str] = {}
+        self._keys: dict[str, tuple[str, list[str]]] = {}
         self.kind = storage_kind(settings) if self.items else "off"
         self.storage: Storage | None = None
         if self.kind == "redis":
@@ -390,13 +390,13 @@ class SignupLimiter:
         """
         if self.limiter is None or ip is None:
             return None
-        key = self._key(ip)
+        key, counters = self._key(ip)
         # Only a storage across the network can hang: the memory and database ones count in
         # this process (the database one syncs in the background) and need no timer.
         deadline = None if self.kind == "redis" else contextlib.nullcontext()
         try:
             async with deadline or asyncio.timeout(STORAGE_TIMEOUT):
-                passed = await self._hit_all(self.limiter, key)
+                passed = await self._hit_all(counters)
                 refused = [item for item, ok in zip(self.items, passed, strict=True) if not ok]
                 if refused:
                     # The client may come back when every window it is over has ended.
@@ -412,25 +412,32 @@ class SignupLimiter:
                 log.warning("rate-limit storage (%s) failed, not limiting: %r", self.kind, cause)
         return None
 
-    def _key(self, ip: str) -> str:
+    def _key(self, ip: str) -> tuple[str, list[str]]:
         """Counters are keyed by a keyed hash: no client address is stored, not even briefly.
-        Remembered per address (a busy client is hashed once, not on every request)."""
-        key = self._keys.get(ip)
-        if key is None:
+        Remembered per address, with the storage key of each window (a busy client is hashed
+        once, and its keys built once, not on every request)."""
+        found = self._keys.get(ip)
+        if found is None:
             if len(self._keys) >= KEY_CACHE_SIZE:
                 self._keys.clear()
             key = hmac.new(self.pepper, limit_key(ip).encode(), hashlib.sha256).hexdigest()[:32]
-            self._keys[ip] = key
-        return key
+            counters = [item.key_for(SIGNUP_SCOPE, key) for item in self.items]
+            found = self._keys[ip] = (key, counters)
+        return found
 
-    async def _hit_all(self, limiter: FixedWindowRateLimiter, key: str) -> list[bool]:
-        """Count the sign-up in every window; the exact database storage gets them at once, to
-        write them in one statement instead of one per window."""
-        if not isinstance(self.storage, DatabaseStorage) or self.storage.sync_interval > 0:
-            return [await limiter.hit(item, SIGNUP_SCOPE, key) for item in self.items]
-        return list(
-            await asyncio.gather(*(limiter.hit(item, SIGNUP_SCOPE, key) for item in self.items))
-        )
+    async def _hit_all(self, counters: list[str]) -> list[bool]:
+        """Count the sign-up in every window as FixedWindowRateLimiter.hit does (one storage
+        increment, compared with the window's amount), on the remembered keys. The exact
+        database storage gets them at once, to write them in one statement instead of one
+        per window."""
+        assert self.storage is not None
+        storage = self.storage
+        windows = list(zip(self.items, counters, strict=True))
+        if isinstance(storage, DatabaseStorage) and storage.sync_interval <= 0:
+            counts = await asyncio.gather(*(storage.incr(c, i.get_expiry()) for i, c in windows))
+        else:
+            counts = [await storage.incr(c, i.get_expiry()) for i, c in windows]
+        return [count <= item.amount for (item, _), count in zip(windows, counts, strict=True)]
 
     async def close(self) -> None:
         if isinstance(self.storage, DatabaseStorage):
