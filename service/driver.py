@@ -2,16 +2,18 @@
 
 The batch's statements are SQLAlchemy Core constructs (`Query`), so each is written once and
 reads as SQL. A `Runner` executes them: `SessionRunner` through SQLAlchemy's connection (any
-use case's transaction: imports, the admin API, tests), `AsyncpgRunner` and `SqliteRunner` on
-the driver's own connection, in a transaction `Database.driver_transaction()` opens. There
-each statement is compiled once per dialect and run straight on asyncpg or aiosqlite.
+use case's transaction: imports, the admin API, tests); `AsyncpgRunner` and
+`SqliteThreadRunner` on the driver's own connection, in the transaction
+`Database.run_on_driver()` opens, where each statement is compiled once per dialect and run
+straight on asyncpg, or as a plain sqlite3 call in aiosqlite's thread.
 
 Why: through SQLAlchemy's asyncio layer every statement, begin and commit runs in a new
 greenlet, and each greenlet maps (and later unmaps) a fresh 16 KiB Python frame stack and
 faults its pages in; with its execution context and result wrapping, that layer was the
-largest single cost of a PostgreSQL batch (measured: a fifth of the server's CPU per
-sign-up, see docs/benchmarks.md). Lists are bound as one parameter (`any_of`), never as an
-expanding IN, so a statement's SQL does not depend on how many values it is given.
+largest single cost of a PostgreSQL batch (measured: a sixth of the server's samples under
+load, and kernel work besides, see docs/benchmarks.md, "Fifth pass"). Lists are bound as
+one parameter (`any_of`), never as an expanding IN, so a statement's SQL does not depend on
+how many values it is given.
 """
 
 from __future__ import annotations
@@ -179,7 +181,8 @@ class Runner(Protocol):
 
 class SessionRunner:
     """Through SQLAlchemy's connection, in the transaction the caller has begun: echo and
-    execution events apply (but on SQLite, *_sql go to aiosqlite, see bulk.py)."""
+    execution events apply, except to rows_sql/many_sql on SQLite, which go to aiosqlite
+    itself (SqliteRunner: one hand-off to its thread a statement, not three)."""
 
     def __init__(self, conn: AsyncConnection) -> None:
         self.conn = conn
