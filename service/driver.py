@@ -18,6 +18,7 @@ how many values it is given.
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -107,8 +108,9 @@ class Query:
     statement: Any
     _compiled: dict[str, _Compiled] = field(default_factory=dict, repr=False)
 
-    @property
+    @functools.cached_property
     def columns(self) -> tuple[str, ...]:
+        """The names of the columns a select gives, in order."""
         return tuple(c.key for c in self.statement.selected_columns)
 
     def compiled(self, dialect: Dialect) -> _Compiled:
@@ -239,7 +241,10 @@ def wrapped_error(sql: str, args: Any, exc: Exception) -> StatementError:
 
 
 class _DriverRunner:
-    """rows() and many() on top of a driver's own rows_sql() and many_sql()."""
+    """rows() and many() on top of a driver's own fetch and executemany, whose errors (those
+    of `errors`) are raised as SQLAlchemy's."""
+
+    errors: type[Exception] | tuple[type[Exception], ...] = Exception
 
     def __init__(self, conn: Any, dialect: Dialect) -> None:
         self.conn = conn
@@ -254,62 +259,59 @@ class _DriverRunner:
         await self.many_sql(compiled.sql, [_arguments(compiled, p) for p in params])
 
     async def rows_sql(self, sql: str, args: Sequence[Any]) -> list[Row]:
-        raise NotImplementedError
-
-    async def many_sql(self, sql: str, args: Sequence[Sequence[Any]]) -> None:
-        raise NotImplementedError
-
-
-class AsyncpgRunner(_DriverRunner):
-    """Straight on an asyncpg connection."""
-
-    async def rows_sql(self, sql: str, args: Sequence[Any]) -> list[Row]:
         try:
-            return [tuple(row) for row in await self.conn.fetch(sql, *args)]
-        except Exception as exc:
+            return [tuple(row) for row in await self._fetch(sql, args)]
+        except self.errors as exc:
             raise wrapped_error(sql, args, exc) from exc
 
     async def many_sql(self, sql: str, args: Sequence[Sequence[Any]]) -> None:
         if not args:
             return
         try:
-            await self.conn.executemany(sql, args)
-        except Exception as exc:
+            await self._executemany(sql, args)
+        except self.errors as exc:
             raise wrapped_error(sql, args, exc) from exc
+
+    async def _fetch(self, sql: str, args: Sequence[Any]) -> Sequence[Sequence[Any]]:
+        raise NotImplementedError
+
+    async def _executemany(self, sql: str, args: Sequence[Sequence[Any]]) -> None:
+        raise NotImplementedError
+
+
+class AsyncpgRunner(_DriverRunner):
+    """Straight on an asyncpg connection (any error of its is the database's or the
+    connection's: asyncpg has no common base class for them)."""
+
+    async def _fetch(self, sql: str, args: Sequence[Any]) -> Sequence[Sequence[Any]]:
+        rows: Sequence[Sequence[Any]] = await self.conn.fetch(sql, *args)
+        return rows
+
+    async def _executemany(self, sql: str, args: Sequence[Sequence[Any]]) -> None:
+        await self.conn.executemany(sql, args)
 
 
 class SqliteRunner(_DriverRunner):
     """Straight on an aiosqlite connection: one hand-off to its thread per statement."""
 
-    async def rows_sql(self, sql: str, args: Sequence[Any]) -> list[Row]:
-        try:
-            return [tuple(row) for row in await self.conn.execute_fetchall(sql, args)]
-        except sqlite3.Error as exc:
-            raise wrapped_error(sql, args, exc) from exc
+    errors = sqlite3.Error
 
-    async def many_sql(self, sql: str, args: Sequence[Sequence[Any]]) -> None:
-        if not args:
-            return
-        try:
-            await self.conn.executemany(sql, args)
-        except sqlite3.Error as exc:
-            raise wrapped_error(sql, args, exc) from exc
+    async def _fetch(self, sql: str, args: Sequence[Any]) -> Sequence[Sequence[Any]]:
+        return list(await self.conn.execute_fetchall(sql, args))
+
+    async def _executemany(self, sql: str, args: Sequence[Sequence[Any]]) -> None:
+        await self.conn.executemany(sql, args)
 
 
 class SqliteThreadRunner(_DriverRunner):
     """Plain sqlite3 calls, made from the connection's own thread (aiosqlite's): the awaits of
     the code using it never suspend, so that code runs there to its end in one hand-off."""
 
-    async def rows_sql(self, sql: str, args: Sequence[Any]) -> list[Row]:
-        try:
-            return [tuple(row) for row in self.conn.execute(sql, args).fetchall()]
-        except sqlite3.Error as exc:
-            raise wrapped_error(sql, args, exc) from exc
+    errors = sqlite3.Error
 
-    async def many_sql(self, sql: str, args: Sequence[Sequence[Any]]) -> None:
-        if not args:
-            return
-        try:
-            self.conn.executemany(sql, args)
-        except sqlite3.Error as exc:
-            raise wrapped_error(sql, args, exc) from exc
+    async def _fetch(self, sql: str, args: Sequence[Any]) -> Sequence[Sequence[Any]]:
+        rows: Sequence[Sequence[Any]] = self.conn.execute(sql, args).fetchall()
+        return rows
+
+    async def _executemany(self, sql: str, args: Sequence[Sequence[Any]]) -> None:
+        self.conn.executemany(sql, args)
