@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service import bulk, events, suppression, tokens
@@ -106,7 +106,7 @@ RECENT_CAPPED_MAIL = Query(
     .where(
         any_of(_outbox.c.subscriber_id, "ids"),
         _outbox.c.created_at > bindparam("since", type_=UTCDateTime()),
-        any_of(_outbox.c.template, "templates"),
+        or_(*(_outbox.c.template == template for template in CAPPED_TEMPLATES)),
     )
     .group_by(_outbox.c.subscriber_id)
 )
@@ -288,6 +288,8 @@ async def _apply(runner: Runner, settings: Settings, batch: list[_Work], now: da
     again: list[dict[str, Any]] = []
     new_events: list[dict[str, Any]] = []
     for work in batch:
+        consent = work.consent.columns(now)
+        resubscribed = {f"new_{name}": consent[name] for name in _CONSENT_COLUMNS}
         for newsletter in work.newsletters:
             current = existing.get((work.subscriber_id, newsletter.id))
             if current is not None and current[1] == Status.active.value:
@@ -305,7 +307,6 @@ async def _apply(runner: Runner, settings: Settings, batch: list[_Work], now: da
                     **({"opt_in": "single"} if single else {}),
                 )
             )
-            consent = work.consent.columns(now)
             if current is None:
                 new_rows.append(
                     {
@@ -327,7 +328,7 @@ async def _apply(runner: Runner, settings: Settings, batch: list[_Work], now: da
                         "pending_stamp": None if single else now,
                         "confirmed_stamp": now if single else None,
                         "changed_at": now,
-                        **{f"new_{name}": consent[name] for name in _CONSENT_COLUMNS},
+                        **resubscribed,
                     }
                 )
     await runner.many(RESUBSCRIBE, again)
@@ -394,7 +395,7 @@ async def _under_cap(
         return set()
     rows = await runner.rows(
         RECENT_CAPPED_MAIL,
-        {"ids": subscriber_ids, "since": now - timedelta(days=1), "templates": CAPPED_TEMPLATES},
+        {"ids": subscriber_ids, "since": now - timedelta(days=1)},
     )
     capped = {
         sub
