@@ -381,22 +381,22 @@ def print_rounds(rounds: list[list[BackendResult]]) -> None:
     """Each round's share of the no-database endpoint measured in that round, and the
     medians: the machine's speed drifts over minutes, so a share is only fair within a round."""
     print(f"\nAll {len(rounds)} rounds (share: of the same round's nodb):")
-    backends = [r.backend for r in rounds[0] if r.backend != "nodb"]
-    for backend in backends:
-        shares, p99s, rates = [], [], []
+    for backend in [r.backend for r in rounds[0] if r.backend != "nodb"]:
+        parts, shares, p99s = [], [], []
         for round_ in rounds:
-            nodb = next((r.run.rps for r in round_ if r.backend == "nodb"), None)
-            run = next(r.run for r in round_ if r.backend == backend)
-            rates.append(run.rps)
+            by_backend = {r.backend: r.run for r in round_}
+            run, nodb = by_backend[backend], by_backend.get("nodb")
+            part = f"{run.rps:.0f}/s"
+            if nodb is not None and nodb.rps:
+                shares.append(run.rps / nodb.rps)
+                part += f" ({shares[-1]:.0%})"
+            parts.append(f"{part} p99 {run.p99_ms:.1f} ms")
             p99s.append(run.p99_ms)
-            if nodb:
-                shares.append(run.rps / nodb)
-        line = ", ".join(
-            f"{rate:.0f}/s" + (f" ({share:.0%})" if shares else "") + f" p99 {p99:.1f} ms"
-            for rate, share, p99 in zip(rates, shares or [0.0] * len(rates), p99s, strict=True)
-        )
         median = f"; median share {statistics.median(shares):.0%}" if shares else ""
-        print(f"  {backend:<11} {line}{median}, median p99 {statistics.median(p99s):.1f} ms")
+        print(
+            f"  {backend:<11} {', '.join(parts)}{median}, "
+            f"median p99 {statistics.median(p99s):.1f} ms"
+        )
 
 
 def save(results: list[BackendResult], args: argparse.Namespace, info: dict[str, str]) -> Path:
