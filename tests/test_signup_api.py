@@ -11,9 +11,10 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI, Request, Response
 from sqlalchemy import func, select, update
 
+from service.api.routes import DirectRoute
 from service.app import create_app
 from service.config import Settings
 from service.db import Database
@@ -1044,3 +1045,25 @@ async def test_public_newsletters_lists_only_unarchived_ones(
         },
         {"slug": "news", "name": "News", "description": "", "opt_in": "single"},
     ]
+
+
+# ---------------------------------------------------------------- the route itself
+
+
+def test_signup_route_is_called_directly_and_still_documented(settings: Settings) -> None:
+    app = create_app(settings)
+    [route] = [r for r in app.routes if getattr(r, "path", "") == "/v1/subscriptions"]
+    assert isinstance(route, DirectRoute)
+    operation = app.openapi()["paths"]["/v1/subscriptions"]["post"]
+    assert operation["summary"] == "Sign up to one or more newsletters"
+    assert {"202", "422", "429"} <= set(operation["responses"])
+    assert "example" in str(operation["requestBody"])
+
+
+def test_direct_route_refuses_an_endpoint_with_parameters() -> None:
+    async def with_query(request: Request, page: int = 1) -> Response:
+        return Response()
+
+    router = APIRouter()
+    with pytest.raises(TypeError, match="takes only the Request"):
+        router.add_api_route("/x", with_query, route_class_override=DirectRoute)

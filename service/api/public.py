@@ -12,6 +12,7 @@ from service.address_quality import AddressQuality
 from service.api import pages
 from service.api.bodies import MalformedBody, read_fields, wants_html
 from service.api.deps import DbDep, SettingsDep, client_ip, consent_from, wake_worker
+from service.api.routes import DirectRoute
 from service.api.schemas import (
     SIGNUP_BODY,
     SIGNUP_RESPONSES,
@@ -132,14 +133,6 @@ def _signup_json(result: SignupResult) -> Response:
     return Response(body, status_code=status, media_type="application/json")
 
 
-@router.post(
-    "/v1/subscriptions",
-    status_code=202,
-    response_model=SignupAccepted,
-    responses=SIGNUP_ABUSE_RESPONSES,
-    openapi_extra=SIGNUP_BODY,
-    summary="Sign up to one or more newsletters",
-)
 async def create_subscription(request: Request) -> Response:
     """Answers the same for a new, pending, active or unsubscribed address."""
     # The hot path takes its parts from app.state rather than as dependencies: FastAPI solves
@@ -206,6 +199,19 @@ async def create_subscription(request: Request) -> Response:
         message = _MESSAGES[result.all_single_opt_in]
         return pages.render(request, "thanks.html", {"result": result, "message": message})
     return _signup_json(result)
+
+
+router.add_api_route(
+    "/v1/subscriptions",
+    create_subscription,
+    methods=["POST"],
+    status_code=202,
+    response_model=SignupAccepted,
+    responses=SIGNUP_ABUSE_RESPONSES,
+    openapi_extra=SIGNUP_BODY,
+    summary="Sign up to one or more newsletters",
+    route_class_override=DirectRoute,
+)
 
 
 @router.get("/v1/newsletters", response_model=list[NewsletterOut], summary="Public newsletters")
