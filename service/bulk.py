@@ -32,6 +32,7 @@ from service.driver import Runner
 from service.models import Base
 
 SQLITE_MAX_PARAMETERS = 32_766
+PARENTS = "parents"  # insert_family's CTE: each placeholder (ref) with its parent's id
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,10 @@ def _plan(
     returning: tuple[str, ...],
     rows: int,
     first: int = 1,
+    ref: str | None = None,
 ) -> _Plan:
-    """`first`: the number of the plan's parameter ($n) on PostgreSQL."""
+    """`first`: the number of the plan's parameter ($n) on PostgreSQL; `ref` (PostgreSQL): the
+    column that holds a placeholder of insert_family's, written as its parent's id."""
     table: Table = Base.metadata.tables[table_name]
     for column in table.columns:
         # A Python-side default would be skipped here: the caller must give the value.
@@ -67,19 +70,11 @@ def _plan(
     target = f"INSERT INTO {quote(table_name)} "
     target += f"({_quoted(dialect, columns)}) "
     if dialect.name == "postgresql":
-        # Every value is read as text and cast to its column's type, as the arrays it replaced
-        # were (an explicit cast: a too-long string is cut, not refused). A JSON null would
-        # become SQL NULL: SQLAlchemy's JSON type stores it as JSON null.
-        json_columns = tuple(name for name in columns if isinstance(table.c[name].type, JSON))
-        record = ", ".join(f"{quote(name)} text" for name in columns)
-        picked = ", ".join(
-            f"coalesce({quote(name)}::json, 'null'::json)"
-            if name in json_columns
-            else f"{quote(name)}::{table.c[name].type.compile(dialect=dialect)}"
-            for name in columns
-        )
+        record, picked, json_columns = _recordset(dialect, table, columns, ref)
         # Names and types come from the schema, values travel as one parameter.
         source = f"SELECT {picked} FROM json_to_recordset(${first}::json) AS r({record})"  # noqa: S608
+        if ref is not None:
+            source += f" JOIN {PARENTS} AS m ON m.ref = r.{quote(ref)}::bigint"
         tail = f" ON CONFLICT ({conflict}) DO NOTHING" if conflict else ""
         tail += f" RETURNING {_quoted(dialect, returning)}" if returning else ""
         return _Plan(target + source + tail, (), json_columns)
@@ -91,6 +86,28 @@ def _plan(
     tail = f" ON CONFLICT ({conflict}) DO NOTHING" if conflict else ""
     tail += f" RETURNING {_quoted(dialect, returning)}" if returning else ""
     return _Plan(target + source + tail, processors)
+
+
+def _recordset(
+    dialect: Dialect, table: Table, columns: tuple[str, ...], ref: str | None = None
+) -> tuple[str, str, tuple[str, ...]]:
+    """PostgreSQL: the record definition json_to_recordset reads `columns` with (all as text),
+    the values cast to their columns' types, and which of the columns are JSON."""
+    # Every value is read as text and cast to its column's type, as the arrays it replaced
+    # were (an explicit cast: a too-long string is cut, not refused). A JSON null would
+    # become SQL NULL: SQLAlchemy's JSON type stores it as JSON null.
+    quote = dialect.identifier_preparer.quote
+    json_columns = tuple(name for name in columns if isinstance(table.c[name].type, JSON))
+    record = ", ".join(f"{quote(name)} text" for name in columns)
+    picked = ", ".join(
+        "m.id"
+        if name == ref
+        else f"coalesce(r.{quote(name)}::json, 'null'::json)"
+        if name in json_columns
+        else f"r.{quote(name)}::{table.c[name].type.compile(dialect=dialect)}"
+        for name in columns
+    )
+    return record, picked, json_columns
 
 
 def _timestamp(value: object) -> str:
@@ -227,3 +244,71 @@ async def insert_many(
     )
     documents = tuple(_document(plan, rows) for plan, (_, rows) in zip(plans, parts, strict=True))
     await runner.rows_sql(sql, documents)
+
+
+@functools.lru_cache(maxsize=64)
+def _family(
+    dialect: Dialect,
+    parent: tuple[str, tuple[str, ...]],
+    key: str,
+    children: tuple[tuple[str, tuple[str, ...]], ...],
+    ref: str,
+    then: FanOut | None,
+) -> tuple[str, tuple[_Plan, ...]]:
+    """insert_family's statement and the plan of each of its documents (the parents' first)."""
+    quote = dialect.identifier_preparer.quote
+    table_name, columns = parent
+    table: Table = Base.metadata.tables[table_name]
+    record, picked, json_columns = _recordset(dialect, table, columns)
+    plans = [_Plan("", (), json_columns)]
+    ctes = [
+        f"given AS (SELECT * FROM json_to_recordset($1::json) AS r(ref bigint, {record}))",  # noqa: S608
+        f"written AS (INSERT INTO {quote(table_name)} ({_quoted(dialect, columns)}) "  # noqa: S608
+        f"SELECT {picked} FROM given AS r ON CONFLICT ({quote(key)}) DO NOTHING "
+        f"RETURNING id, {quote(key)})",
+        f"{PARENTS} AS (SELECT given.ref, written.id FROM given "  # noqa: S608
+        f"JOIN written ON written.{quote(key)} = given.{quote(key)})",
+    ]
+    for i, (child, child_columns) in enumerate(children):
+        returning = then.returning if then is not None and i == 0 else ()
+        plan = _plan(dialect, child, child_columns, None, returning, 0, i + 2, ref)
+        plans.append(plan)
+        ctes.append(f"w{i} AS ({plan.sql})")
+    if then is not None:
+        ctes.append(f"fan_out AS ({then.sql})")
+    return f"WITH {', '.join(ctes)} SELECT ref, id FROM {PARENTS}", tuple(plans)  # noqa: S608
+
+
+async def insert_family(
+    runner: Runner,
+    parents: tuple[Table, Sequence[dict[str, Any]], Sequence[int]],
+    key: str,
+    children: Sequence[tuple[Table, Sequence[dict[str, Any]]]],
+    ref: str,
+    then: FanOut | None = None,
+) -> dict[int, int]:
+    """PostgreSQL, one statement: insert the parent rows whose `key` is new (ON CONFLICT DO
+    NOTHING) and the children of those only. `parents` holds the table, its rows and a
+    placeholder for each row (a number no real id has, such as a negative one); a child
+    names its parent by that placeholder in its `ref` column, written as the parent's id.
+    Children of a parent that was not written are not written either. Returns the id of
+    each parent written, by placeholder.
+
+    `then` runs in the statement after the first child's rows are written (see FanOut).
+    """
+    if runner.dialect.name != "postgresql":
+        raise ValueError("insert_family needs PostgreSQL")
+    table, rows, refs = parents
+    if not rows:
+        return {}
+    if then is not None and not (children and children[0][1]):
+        then = None  # nothing written for it to read
+    children = [(child, child_rows) for child, child_rows in children if child_rows]
+    shape = tuple((child.name, tuple(child_rows[0])) for child, child_rows in children)
+    sql, plans = _family(runner.dialect, (table.name, tuple(rows[0])), key, shape, ref, then)
+    given = [{"ref": number} | row for number, row in zip(refs, rows, strict=True)]
+    documents = [
+        _document(plan, docs)
+        for plan, docs in zip(plans, [given, *(r for _, r in children)], strict=True)
+    ]
+    return dict(await runner.rows_sql(sql, documents))

@@ -119,6 +119,26 @@ async def record_on(
     await bulk.insert_rows(runner, table(OutboxMessage), calls)
 
 
+async def record_with_new_subscribers(
+    runner: Runner,
+    subscribers: Sequence[dict[str, Any]],
+    placeholders: Sequence[int],
+    rows: list[dict[str, Any]],
+    along: Sequence[tuple[Table, Sequence[dict[str, Any]]]] = (),
+) -> dict[int, int]:
+    """record_on() for the events (and `along` rows) of subscribers written in the same
+    statement, those whose address is new only (PostgreSQL: bulk.insert_family, each row's
+    subscriber_id a placeholder). Returns the new subscribers' ids by placeholder."""
+    return await bulk.insert_family(
+        runner,
+        (table(Subscriber), subscribers, placeholders),
+        "email_key",
+        [(table(Event), rows), *along],
+        ref="subscriber_id",
+        then=WEBHOOK_CALLS,
+    )
+
+
 async def feed(
     session: AsyncSession, after_id: int | None, event_type: str | None, limit: int
 ) -> list[tuple[Event, str | None, str | None]]:

@@ -360,3 +360,79 @@ async def test_work_that_waits_for_something_else_is_refused_on_sqlites_thread(
         return await runner.rows_sql("SELECT count(*) FROM subscribers", ())
 
     assert await db.run_on_driver(count) == [(0 if db.is_sqlite else 1,)]
+
+
+async def test_a_family_writes_new_parents_and_only_their_children_on_postgresql_only(
+    db: Database, way: str
+) -> None:
+    when = datetime(2026, 12, 3, 8, 0, 0, 5, tzinfo=UTC)
+    fan_out = bulk.FanOut(
+        returning=("id", "subscriber_id"),
+        sql="INSERT INTO events (type, actor, data, created_at) "
+        "SELECT 'copy', 'fan-out', json_build_object('of', subscriber_id), now() FROM w0",
+    )
+
+    def event(placeholder: int, i: int) -> dict[str, Any]:
+        return {
+            "type": "t",
+            "subscriber_id": placeholder,
+            "newsletter_id": None,
+            "actor": "family",
+            "ip": None,
+            "data": {"i": i},
+            "created_at": when,
+        }
+
+    def mail(placeholder: int, i: int) -> dict[str, Any]:
+        return {
+            "kind": "email",
+            "template": "confirmation",
+            "recipient": f"r{i}@example.com",
+            "subscriber_id": placeholder,
+            "payload": {"i": i},
+            "status": "queued",
+            "attempts": 0,
+            "next_attempt_at": when,
+            "created_at": when,
+        }
+
+    async def work(runner: Runner) -> dict[int, int]:
+        known = [_subscriber(1, when)]
+        await bulk.insert_rows(runner, table(Subscriber), known)
+        # 1 is known already (its key exists), 0 and 2 are new; -2 has two events and no mail.
+        parents = [_subscriber(i, when) | {"public_id": f"new{i}"} for i in range(3)]
+        return await bulk.insert_family(
+            runner,
+            (table(Subscriber), parents, [-1, -2, -3]),
+            "email_key",
+            [
+                (table(Event), [event(-1, 0), event(-2, 1), event(-2, 11), event(-3, 2)]),
+                (table(OutboxMessage), [mail(-1, 0), mail(-3, 2)]),
+                (table(Event), []),  # an empty part is left out
+            ],
+            ref="subscriber_id",
+            then=fan_out,
+        )
+
+    if db.engine.dialect.name != "postgresql":
+        with pytest.raises(ValueError, match="PostgreSQL"):
+            await write(db, way, work)
+        return
+    written = await write(db, way, work)
+    async with db.transaction() as session:
+        subscribers = {
+            s.email_key: (s.id, s.public_id)
+            for s in (await session.execute(select(table(Subscriber)))).all()
+        }
+        stored = (await session.execute(select(table(Event)))).all()
+        mails = (await session.execute(select(table(OutboxMessage)))).all()
+    new = {key: ids for key, ids in subscribers.items() if ids[1].startswith("new")}
+    assert sorted(new) == ["ünïcode0@example.com", "ünïcode2@example.com"]
+    assert written == {-1: new["ünïcode0@example.com"][0], -3: new["ünïcode2@example.com"][0]}
+    by_subscriber = sorted((e.subscriber_id, e.data["i"]) for e in stored if e.actor == "family")
+    assert by_subscriber == sorted([(written[-1], 0), (written[-3], 2)])
+    assert sorted((m.subscriber_id, m.recipient) for m in mails) == sorted(
+        [(written[-1], "r0@example.com"), (written[-3], "r2@example.com")]
+    )
+    copies = sorted(e.data["of"] for e in stored if e.actor == "fan-out")
+    assert copies == sorted([written[-1], written[-3]])

@@ -13,7 +13,7 @@ from service.config import Settings
 from service.db import Database
 from service.mail.worker import DeliveryWorker
 from service.models import Confirmation, Subscriber, Subscription
-from service.signup import Consent, SignupResult, subscribe_many
+from service.signup import Consent, SignupResult, subscribe_many, subscribe_on
 from service.signup_batcher import SignupBatcher
 from service.signup_input import parse_signup
 from tests.conftest import SMTPServer, deliver, make_newsletter
@@ -146,3 +146,60 @@ async def test_one_batch_refuses_each_blocked_address_and_no_other(db: Database)
     async with db.transaction() as session:
         stored = (await session.scalars(select(Subscriber.email))).all()
     assert stored == ["two@example.com"]
+
+
+async def test_one_batch_of_new_and_known_addresses_treats_each_as_what_it_is(
+    db: Database, settings: Settings
+) -> None:
+    """On PostgreSQL a batch's new addresses are written in one statement and the known ones
+    after it: each must still get exactly its own rows and mail."""
+    await make_newsletter(db, "weekly")
+    await make_newsletter(db, "daily", opt_in="single")
+
+    def signup(email: str, *newsletters: str) -> tuple[Any, Consent]:
+        return parse_signup({"email": email, "newsletters": list(newsletters)}, settings), Consent(
+            "api"
+        )
+
+    async with db.transaction() as session:
+        await subscribe_many(
+            session,
+            settings,
+            [signup("active@example.com", "daily"), signup("waiting@example.com", "weekly")],
+        )
+    batch = [
+        signup("new@example.com", "weekly"),
+        signup("Active@Example.com", "daily"),  # nothing new: "already subscribed"
+        signup("waiting@example.com", "weekly"),  # mailed a minute ago: capped
+        signup("fresh@example.com", "daily", "weekly"),
+        signup("active@example.com", "weekly"),  # known, and something new to confirm
+    ]
+    outcomes = await db.run_on_driver(lambda runner: subscribe_on(runner, settings, batch))
+
+    assert [o.mail_queued for o in outcomes if isinstance(o, SignupResult)] == [
+        "confirmation",
+        "already_subscribed",
+        None,
+        "confirmation",
+        None,  # one address twice in a batch: the second is capped by the first's mail
+    ]
+    async with db.transaction() as session:
+        rows = (
+            await session.execute(
+                select(Subscriber.email_key, Subscription.status)
+                .join(Subscription, Subscription.subscriber_id == Subscriber.id)
+                .order_by(Subscriber.email_key, Subscription.newsletter_id)
+            )
+        ).all()
+        confirmations = await session.scalar(select(func.count()).select_from(Confirmation))
+        subscribers = await session.scalar(select(func.count()).select_from(Subscriber))
+    assert [tuple(r) for r in rows] == [
+        ("active@example.com", "pending"),  # weekly, made first
+        ("active@example.com", "active"),  # daily
+        ("fresh@example.com", "pending"),
+        ("fresh@example.com", "active"),
+        ("new@example.com", "pending"),
+        ("waiting@example.com", "pending"),
+    ]
+    assert subscribers == 4
+    assert confirmations == 3  # waiting's first, new's and fresh's
