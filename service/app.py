@@ -86,6 +86,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         tune_gc()
         stop = asyncio.Event()
         task = asyncio.create_task(worker.run_forever(stop)) if worker else None
+        checkpoints = db.wal_checkpointer()
+        checkpointing = asyncio.create_task(checkpoints.run(stop)) if checkpoints else None
         try:
             yield
         finally:
@@ -95,6 +97,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait_for(task, timeout=settings.mail_timeout + 5)
             await signups.stop()
+            if checkpointing is not None:
+                await checkpointing
             await limiter.close()
             await challenge.close()
             await db.dispose()

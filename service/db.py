@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -36,6 +38,12 @@ def async_url(url: str) -> str:
     raise ValueError(f"unsupported database URL scheme: {parsed.drivername}")
 
 
+# The WAL is checkpointed by WalCheckpointer, off the writers' path, where it runs; SQLite's
+# own checkpoint, in the commit of the writer that crosses this many pages, is the safety net.
+WAL_AUTOCHECKPOINT_PAGES = 10_000
+WAL_CHECKPOINT_INTERVAL = 0.25  # seconds
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     # WAL lets readers run beside the single writer; NORMAL is durable in WAL mode except
@@ -46,6 +54,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA busy_timeout=10000")
     # Keys are stored lower-cased; a case-sensitive LIKE lets prefix search use their index.
     cursor.execute("PRAGMA case_sensitive_like=ON")
+    cursor.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
     cursor.close()
     # Transactions are begun by hand below; the driver must not begin its own.
     dbapi_connection.isolation_level = None
@@ -105,6 +114,7 @@ def _ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
 
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class Database:
@@ -159,6 +169,13 @@ class Database:
             if not healthy:
                 await greenlet_spawn(fairy.invalidate)
             await greenlet_spawn(fairy.close)
+
+    def wal_checkpointer(self) -> WalCheckpointer | None:
+        """A checkpointer for a SQLite database file (none for PostgreSQL or in memory)."""
+        path = self.engine.url.database
+        if not self.is_sqlite or not path or path == ":memory:":
+            return None
+        return WalCheckpointer(path, WAL_CHECKPOINT_INTERVAL)
 
     async def dispose(self) -> None:
         await self.engine.dispose()
@@ -221,3 +238,42 @@ async def _driver_step(name: str, step: Awaitable[Any]) -> Any:
         return await step
     except Exception as exc:
         raise wrapped_error(name, (), exc) from exc
+
+
+class WalCheckpointer:
+    """Checkpoints a SQLite database's write-ahead log from a thread of its own.
+
+    SQLite checkpoints in the commit that crosses `wal_autocheckpoint` pages: that writer
+    copies the log into the database file and syncs it while holding the write lock (measured:
+    a sixth of the sign-up batch's time on SQLite). A PASSIVE checkpoint on another
+    connection runs beside the writers instead and never waits for them.
+    """
+
+    def __init__(self, path: str, interval: float) -> None:
+        self.path = path
+        self.interval = interval
+        self.conn: sqlite3.Connection | None = None
+
+    def checkpoint(self) -> None:
+        if self.conn is None:
+            self.conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self.conn.execute("PRAGMA busy_timeout=10000")
+        self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        failing = False
+        try:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.interval)
+                try:
+                    await asyncio.to_thread(self.checkpoint)
+                    failing = False
+                except sqlite3.Error:
+                    if not failing:  # once a streak of failures, not four times a second
+                        log.warning("WAL checkpoint failed; SQLite's own will run", exc_info=True)
+                    failing = True
+        finally:
+            if self.conn is not None:
+                self.conn.close()
+                self.conn = None
