@@ -3,7 +3,8 @@ statement in it, with no HTTP server and no load generator beside it.
 
 The app is driven over ASGI as in signup_instructions.py (a warm-up, then N sign-ups at
 concurrency 16). Every `Database.run_on_driver` call (one batch) is timed, and every statement
-the driver runs in it; CPU is the whole process's (user + system) over the measured sign-ups.
+the driver runs in it (BEGIN and COMMIT are in the batch's time only); CPU is the whole
+process's (user + system, all threads) over the measured sign-ups.
 A quieter figure than a wrk run for what a change to the batch does, since on a shared 2-core
 machine the load generator and PostgreSQL compete with the server there.
 
@@ -54,20 +55,21 @@ class Timings:
 
         Database.run_on_driver = timed_batch  # type: ignore[method-assign]
         for runner in (driver.AsyncpgRunner, driver.SqliteThreadRunner):
-            self._time_fetches(runner)
+            self._time_statements(runner)
 
-    def _time_fetches(self, runner: type[driver._DriverRunner]) -> None:
-        fetch = runner._fetch
+    def _time_statements(self, runner: type[driver._DriverRunner]) -> None:
         statements = self.statements
+        for name in ("_fetch", "_executemany"):
+            call = getattr(runner, name)
 
-        async def timed_fetch(self: Any, sql: str, args: Sequence[Any]) -> Any:
-            started = time.perf_counter()
-            try:
-                return await fetch(self, sql, args)
-            finally:
-                statements[" ".join(sql.split())[:60]].append(time.perf_counter() - started)
+            async def timed(self: Any, sql: str, args: Sequence[Any], call: Any = call) -> Any:
+                started = time.perf_counter()
+                try:
+                    return await call(self, sql, args)
+                finally:
+                    statements[" ".join(sql.split())[:60]].append(time.perf_counter() - started)
 
-        runner._fetch = timed_fetch  # type: ignore[method-assign]
+            setattr(runner, name, timed)
 
     def clear(self) -> None:
         self.batches.clear()
