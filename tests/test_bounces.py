@@ -482,6 +482,7 @@ async def test_without_a_configured_secret_only_an_admin_key_opens_the_intake(
         (b"not json", 400, None),
         (b"\xff\xfe", 400, None),
         (b"[[[[", 400, None),
+        (b"[" * 20_000 + b"]" * 20_000, 400, None),  # refused before it is parsed
         (b'"bounce"', 422, "body"),
         (b"{}", 422, "type"),
         (b'{"hello": "world"}', 422, "type"),
@@ -493,6 +494,7 @@ async def test_without_a_configured_secret_only_an_admin_key_opens_the_intake(
         (b'[{"type": "complaint", "email": "a@example.com"}, 7]', 422, "1.body"),
         (b'{"Type": "Notification", "Message": "not json"}', 422, "Message"),
         (b'{"Type": "Notification", "Message": "[1]"}', 422, "Message"),
+        (b'{"Type": "Notification", "Message": "' + b"[" * 20_000 + b'"}', 422, "Message"),
         (b'{"Type": "Notification"}', 422, "Message"),
         (b'{"Type": "SubscriptionConfirmation"}', 422, "SubscribeURL"),
         (b'{"notificationType": "Bounce"}', 422, "bounce"),

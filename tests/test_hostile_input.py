@@ -18,9 +18,11 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import func, select
 
+from service.api.bodies import TOO_DEEP
 from service.app import create_app
 from service.config import Settings
 from service.db import Database
+from service.json_depth import MAX_JSON_DEPTH, nests_deeper
 from service.keys import create_key
 from service.mail.worker import DeliveryWorker
 from service.models import Newsletter, OutboxMessage, Subscriber, Subscription
@@ -234,7 +236,48 @@ async def test_deeply_nested_json_is_refused_everywhere(
             answer = await http.post(
                 path, content=body, headers={**admin, "content-type": "application/json"}
             )
-            assert_problem(answer, 400, 413, 422)
+            assert assert_problem(answer, 400)["detail"] == TOO_DEEP
+    assert await count(db, Subscriber) == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "deeper"),
+    [
+        ("[" * 64 + "]" * 64, False),
+        ("[" * 65 + "]" * 65, True),
+        ('{"a":' * 40 + "1" + "}" * 40, False),
+        ('["' + "[" * 500 + '"]', False),  # brackets in a string are text
+        ('["\\"[",' * 70 + "]" * 70, True),  # an escaped quote does not end the string
+        ("[1," * 50 + "[]," * 500 + "0" + "]" * 50, False),  # many brackets, 51 levels
+        ("[" * 30_000, True),  # unbalanced: the parser would recurse through it all
+        ("{}" * 1000, False),
+        ('{"a":[' * 32 + "]}" * 32, False),  # two kinds in turn: still one level a pass
+        ('{"a":[' * 33 + "]}" * 33, True),
+    ],
+)
+def test_nesting_is_measured_without_parsing(text: str, deeper: bool) -> None:
+    assert nests_deeper(text.encode(), MAX_JSON_DEPTH) is deeper
+
+
+async def test_json_deeper_than_the_limit_is_refused_before_it_is_parsed(
+    http: httpx.AsyncClient, db: Database
+) -> None:
+    await make_newsletter(db, "weekly")
+
+    def signup(levels: int) -> bytes:
+        """A sign-up nesting `levels` deep in all: the body, its attributes and lists."""
+        lists = levels - 2
+        return (
+            b'{"email": "deep@example.com", "newsletters": ["weekly"], "attributes": {"x": '
+            + b"[" * lists
+            + b"]" * lists
+            + b"}}"
+        )
+
+    at_the_limit = assert_problem(await post_json(http, signup(MAX_JSON_DEPTH)), 422)
+    assert at_the_limit["errors"][0]["code"] == "too_deep"  # read, then refused as a field
+    over = assert_problem(await post_json(http, signup(MAX_JSON_DEPTH + 1)), 400)
+    assert over["detail"] == TOO_DEEP
     assert await count(db, Subscriber) == 0
 
 

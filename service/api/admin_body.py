@@ -3,7 +3,8 @@
 FastAPI reads a body whole, before any dependency runs (the API key's included), and takes any
 content type as possibly JSON: a big body was held in memory before a 401, and a form or text
 body came back as a 422 about a "dictionary". This pure ASGI middleware answers 413 and 415
-first. CSV imports stream their own large bodies and are left alone.
+first, and a 400 for JSON nested too deeply to parse safely (see service.json_depth). CSV
+imports stream their own large bodies and are left alone.
 
 It also drops the admin API's empty query parameters: design.md writes the search as
 `?email=&newsletter=&status=&limit=&cursor=`, as a search form sends it, and an empty one
@@ -15,7 +16,9 @@ from __future__ import annotations
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.bodies import TOO_DEEP
 from service.errors import problem
+from service.json_depth import MAX_JSON_DEPTH, nests_deeper
 
 ADMIN = "/v1/admin/"
 OWN_BODIES = ("/v1/admin/imports",)  # streamed CSV uploads, capped by their own rule
@@ -80,16 +83,23 @@ class AdminJSONBody:
             return
 
         received = 0
+        chunks: list[bytes] = []
 
         async def capped() -> Message:
             nonlocal received
             message = await receive()
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    # A chunked body past the cap. An HTTPException, as FastAPI turns any
-                    # other error while it reads a body into a 400; the handler answers 413.
+                chunk = message.get("body", b"")
+                received += len(chunk)
+                chunks.append(chunk)
+                # HTTPExceptions, as FastAPI turns any other error while it reads a body into
+                # a 400 of its own; the handler answers them.
+                if received > self.limit:  # a chunked body past the cap
                     raise HTTPException(413, f"At most {self.limit} bytes.")
+                if not message.get("more_body", False) and nests_deeper(
+                    b"".join(chunks), MAX_JSON_DEPTH
+                ):
+                    raise HTTPException(400, TOO_DEEP)  # see bodies.parse_json
             return message
 
         await self.app(scope, capped, send)

@@ -10,8 +10,10 @@ from fastapi import Request
 from starlette.datastructures import UploadFile
 
 from service.errors import DomainError, PayloadTooLarge, UnsupportedMediaType
+from service.json_depth import MAX_JSON_DEPTH, nests_deeper
 
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+TOO_DEEP = f"Malformed JSON: nested deeper than {MAX_JSON_DEPTH} levels."
 
 
 class MalformedBody(DomainError):
@@ -48,11 +50,18 @@ async def read_capped(request: Request, limit: int) -> bytes:
     return body
 
 
-def _json_object(body: bytes) -> dict[str, Any]:
+def parse_json(body: bytes) -> Any:
+    """JSON from a client; too deep to parse safely is malformed (see service.json_depth)."""
+    if nests_deeper(body, MAX_JSON_DEPTH):
+        raise MalformedBody(TOO_DEEP)
     try:
-        data = json.loads(body)
+        return json.loads(body)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise MalformedBody(f"Malformed JSON: {type(exc).__name__}.") from exc
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    data = parse_json(body)
     if not isinstance(data, dict):
         raise MalformedBody("The JSON body must be an object.")
     return data

@@ -6,7 +6,6 @@ import base64
 import binascii
 import contextlib
 import hmac
-import json
 import logging
 from dataclasses import asdict
 from typing import Annotated, Any, Literal
@@ -15,7 +14,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
 from service import bounces, keys
-from service.api.bodies import MalformedBody, read_capped
+from service.api.bodies import parse_json, read_capped
 from service.api.deps import DbDep, SettingsDep
 from service.api.schemas import problem_response
 from service.errors import Unauthorized
@@ -131,10 +130,7 @@ async def bounce_intake(
     """Hard bounces mark every live subscription of the address `bounced`, complaints
     unsubscribe it; both suppress the address. Any content type: SNS posts JSON as text."""
     body = await read_capped(request, MAX_HOOK_BODY)
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise MalformedBody(f"Malformed JSON: {type(exc).__name__}.") from exc
+    data = parse_json(body)
     intake = bounces.parse_notification(data)
     sns: Literal["logged", "confirmed", "failed"] | None = None
     if intake.subscribe_url:
