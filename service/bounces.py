@@ -29,7 +29,7 @@ from service import events, suppression
 from service.addresses import normalise
 from service.config import Settings
 from service.errors import FieldError, InvalidInput
-from service.json_depth import MAX_JSON_DEPTH, nests_deeper
+from service.json_depth import nests_deeper
 from service.models import (
     OutboxMessage,
     OutboxStatus,
@@ -207,9 +207,7 @@ def _sns(item: dict[str, Any], where: str, intake: Intake) -> None:
     raw = _text(item, "Message", where)
     assert raw is not None
     try:
-        if nests_deeper(raw.encode(), MAX_JSON_DEPTH):
-            raise ValueError("nested too deeply to parse")
-        message = json.loads(raw)
+        message = None if nests_deeper(raw.encode()) else json.loads(raw)
     except ValueError as exc:
         raise _invalid(where, "Message", "Message must hold the SES notification JSON.") from exc
     if not isinstance(message, dict):

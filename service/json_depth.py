@@ -18,7 +18,7 @@ _NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
 _STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 and -1 as signed bytes
 
 
-def nests_deeper(body: bytes, limit: int) -> bool:
+def nests_deeper(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
     """Whether JSON text nests (or would, if it were whole) deeper than `limit`, found without
     recursion: the strings taken out, each bracket left a step up or down, the deepest point
     the running sum of the steps (all in C loops: 64 KiB of brackets in about 2 ms)."""

@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.bodies import TOO_DEEP
 from service.errors import problem
-from service.json_depth import MAX_JSON_DEPTH, nests_deeper
+from service.json_depth import nests_deeper
 
 ADMIN = "/v1/admin/"
 OWN_BODIES = ("/v1/admin/imports",)  # streamed CSV uploads, capped by their own rule
@@ -96,10 +96,8 @@ class AdminJSONBody:
                 # a 400 of its own; the handler answers them.
                 if received > self.limit:  # a chunked body past the cap
                     raise HTTPException(413, f"At most {self.limit} bytes.")
-                if not message.get("more_body", False) and nests_deeper(
-                    b"".join(chunks), MAX_JSON_DEPTH
-                ):
-                    raise HTTPException(400, TOO_DEEP)  # see bodies.parse_json
+                if not message.get("more_body", False) and nests_deeper(b"".join(chunks)):
+                    raise HTTPException(400, TOO_DEEP)  # see service.json_depth
             return message
 
         await self.app(scope, capped, send)

@@ -52,11 +52,11 @@ async def read_capped(request: Request, limit: int) -> bytes:
 
 def parse_json(body: bytes) -> Any:
     """JSON from a client; too deep to parse safely is malformed (see service.json_depth)."""
-    if nests_deeper(body, MAX_JSON_DEPTH):
+    if nests_deeper(body):
         raise MalformedBody(TOO_DEEP)
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+    except ValueError as exc:  # UnicodeDecodeError among them
         raise MalformedBody(f"Malformed JSON: {type(exc).__name__}.") from exc
 
 
