@@ -37,7 +37,7 @@ class BodyDeadline:
         if scope["type"] != "http" or self.timeout <= 0:
             await self.app(scope, receive, send)
             return
-        body = _Body(self, asyncio.get_running_loop())
+        body = _Body(asyncio.get_running_loop(), self.timeout, self.min_rate)
         started = False
 
         async def tracking_send(message: Message) -> None:
@@ -67,10 +67,10 @@ class _Body:
     CPU). The timer cancels the request's task only while it waits in `receive`; a request
     that reads nothing, or has read its whole body, is never touched."""
 
-    def __init__(self, owner: BodyDeadline, loop: asyncio.AbstractEventLoop) -> None:
-        self.owner = owner
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, min_rate: float) -> None:
         self.loop = loop
-        self.deadline = loop.time() + owner.timeout
+        self.min_rate = min_rate
+        self.deadline = loop.time() + timeout
         self.complete = False
         self.expired = False
         self.waiting: asyncio.Task[object] | None = None  # the task inside `receive`
@@ -113,7 +113,7 @@ class _Body:
             finally:
                 self.waiting = None
             if message["type"] == "http.request":
-                self.deadline += len(message.get("body", b"")) / self.owner.min_rate
+                self.deadline += len(message.get("body", b"")) / self.min_rate
                 if not message.get("more_body", False):
                     self.done()
             else:
