@@ -246,6 +246,17 @@ async def insert_many(
     await runner.rows_sql(sql, documents)
 
 
+@dataclass(frozen=True)
+class Only:
+    """insert_family: write only the parents for which `sql` holds, an SQL condition on the
+    parent's row `r` that may read `columns`, values each parent row carries besides its
+    table's (`record`: their json_to_recordset definition, "name type, ...")."""
+
+    columns: tuple[str, ...]
+    record: str
+    sql: str
+
+
 @functools.lru_cache(maxsize=64)
 def _family(
     dialect: Dialect,
@@ -254,6 +265,7 @@ def _family(
     children: tuple[tuple[str, tuple[str, ...]], ...],
     ref: str,
     then: FanOut | None,
+    only: Only | None = None,
 ) -> tuple[str, tuple[_Plan, ...]]:
     """insert_family's statement and the plan of each of its documents (the parents' first)."""
     quote = dialect.identifier_preparer.quote
@@ -261,8 +273,10 @@ def _family(
     table: Table = Base.metadata.tables[table_name]
     record, picked, json_columns = _recordset(dialect, table, columns)
     plans = [_Plan("", (), json_columns)]
+    extra, where = (f", {only.record}", f" WHERE {only.sql}") if only else ("", "")
     ctes = [
-        f"given AS (SELECT * FROM json_to_recordset($1::json) AS r(ref bigint, {record}))",  # noqa: S608
+        f"given AS (SELECT * FROM json_to_recordset($1::json) AS r(ref bigint, {record}{extra})"  # noqa: S608
+        f"{where})",
         f"written AS (INSERT INTO {quote(table_name)} ({_quoted(dialect, columns)}) "  # noqa: S608
         f"SELECT {picked} FROM given AS r ON CONFLICT ({quote(key)}) DO NOTHING "
         f"RETURNING id, {quote(key)})",
@@ -286,6 +300,7 @@ async def insert_family(
     children: Sequence[tuple[Table, Sequence[dict[str, Any]]]],
     ref: str,
     then: FanOut | None = None,
+    only: Only | None = None,
 ) -> dict[int, int]:
     """PostgreSQL, one statement: insert the parent rows whose `key` is new (ON CONFLICT DO
     NOTHING) and the children of those only. `parents` holds the table, its rows and a
@@ -294,7 +309,8 @@ async def insert_family(
     Children of a parent that was not written are not written either. Returns the id of
     each parent written, by placeholder.
 
-    `then` runs in the statement after the first child's rows are written (see FanOut).
+    `then` runs in the statement after the first child's rows are written (see FanOut);
+    `only`, when given, is a further condition a parent row must meet to be written.
     """
     if runner.dialect.name != "postgresql":
         raise ValueError("insert_family needs PostgreSQL")
@@ -305,7 +321,8 @@ async def insert_family(
         then = None  # nothing written for it to read
     children = [(child, child_rows) for child, child_rows in children if child_rows]
     shape = tuple((child.name, tuple(child_rows[0])) for child, child_rows in children)
-    sql, plans = _family(runner.dialect, (table.name, tuple(rows[0])), key, shape, ref, then)
+    columns = tuple(name for name in rows[0] if not (only and name in only.columns))
+    sql, plans = _family(runner.dialect, (table.name, columns), key, shape, ref, then, only)
     given = [{"ref": number} | row for number, row in zip(refs, rows, strict=True)]
     documents = [
         _document(plan, docs)

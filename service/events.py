@@ -125,10 +125,12 @@ async def record_with_new_subscribers(
     placeholders: Sequence[int],
     rows: list[dict[str, Any]],
     along: Sequence[tuple[Table, Sequence[dict[str, Any]]]] = (),
+    only: bulk.Only | None = None,
 ) -> dict[int, int]:
     """record_on() for the events (and `along` rows) of subscribers written in the same
     statement, those whose address is new only (PostgreSQL: bulk.insert_family, each row's
-    subscriber_id a placeholder). Returns the new subscribers' ids by placeholder."""
+    subscriber_id a placeholder; `only` as there). Returns the new subscribers' ids by
+    placeholder."""
     return await bulk.insert_family(
         runner,
         (table(Subscriber), subscribers, placeholders),
@@ -136,6 +138,7 @@ async def record_with_new_subscribers(
         [(table(Event), rows), *along],
         ref="subscriber_id",
         then=WEBHOOK_CALLS,
+        only=only,
     )
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, func, or_, select, update
+from sqlalchemy import bindparam, func, literal_column, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service import bulk, events, suppression, tokens
@@ -88,6 +88,27 @@ NEWSLETTERS_BY_SLUG = Query(
         any_of(_newsletters.c.slug, "slugs"), _newsletters.c.archived_at.is_(None)
     )
 )
+# PostgreSQL: the newsletters with their rows' fingerprints, for NewsletterCache.
+NEWSLETTER_PRINTS = Query(
+    select(_newsletters, func.md5(literal_column("newsletters::text")).label("print")).where(
+        any_of(_newsletters.c.slug, "slugs"), _newsletters.c.archived_at.is_(None)
+    )
+)
+# subscribe_new's condition on each new subscriber's row: each of its newsletters is still
+# as cached (not archived, same fingerprint), and the blocklist refuses neither the address
+# nor one of its domains (each row carries them, as suppression.domains_of gives them).
+NEW_ONLY = bulk.Only(
+    columns=("domains", "expected"),
+    record="domains text[], expected json",
+    sql=(
+        "NOT EXISTS (SELECT 1 FROM json_to_recordset(r.expected) AS e(id integer, print text) "
+        "LEFT JOIN newsletters AS n ON n.id = e.id AND n.archived_at IS NULL "
+        "WHERE n.id IS NULL OR md5(n::text) <> e.print) "
+        "AND NOT EXISTS (SELECT 1 FROM blocklist AS b "
+        "WHERE (b.kind = 'address' AND b.value = r.email_key) "
+        "OR (b.kind = 'domain' AND b.value = ANY(r.domains)))"
+    ),
+)
 _subscribers = table(Subscriber)
 KNOWN_SUBSCRIBERS = Query(
     select(_subscribers.c.id, _subscribers.c.public_id, _subscribers.c.email_key).where(
@@ -137,6 +158,7 @@ class _Work:
     subscriber_id: int = 0
     public_id: str = ""
     created: bool = False
+    index: int = 0  # of its request in the batch
     pending: list[Newsletter] = field(default_factory=list)
     activated: list[Newsletter] = field(default_factory=list)
 
@@ -239,11 +261,82 @@ async def subscribe_on(
         columns = dict(zip(names, row, strict=True))
         blocking = columns.pop("blocking")
         found[columns["slug"]] = Newsletter(**columns)
+    outcomes, accepted = _works(requests, found)
+    # A blocked address or domain is answered like everyone else and changes nothing.
+    refused = suppression.refused({w.data.address.key for w in accepted}, blocking)
+    for batch in await _rounds(runner, [w for w in accepted if w.data.address.key not in refused]):
+        await _apply(runner, settings, list(batch.values()), now)
+    return outcomes
 
+
+class NewsletterCache:
+    """The newsletters sign-ups ask for, by slug, each with its row's fingerprint (the MD5 of
+    the row as text), for subscribe_new. An entry is only trusted by a statement that checks
+    the fingerprint against the row as it is then: a newsletter changed or archived since it
+    was read is never applied as it was."""
+
+    def __init__(self) -> None:
+        self.newsletters: dict[str, Newsletter] = {}
+        self.prints: dict[int, str] = {}  # by newsletter id
+
+    async def load(self, runner: Runner, slugs: set[str]) -> None:
+        """Read these slugs' newsletters (those not archived; a slug not found stays out)."""
+        names = NEWSLETTER_PRINTS.columns
+        for row in await runner.rows(NEWSLETTER_PRINTS, {"slugs": list(slugs)}):
+            columns = dict(zip(names, row, strict=True))
+            fingerprint = columns.pop("print")
+            newsletter = self.newsletters[columns["slug"]] = Newsletter(**columns)
+            self.prints[newsletter.id] = fingerprint
+
+    def forget(self, slugs: Sequence[str]) -> None:
+        for slug in slugs:
+            newsletter = self.newsletters.pop(slug, None)
+            if newsletter is not None:
+                self.prints.pop(newsletter.id, None)
+
+
+async def subscribe_new(
+    runner: Runner,
+    settings: Settings,
+    requests: Sequence[tuple[SignupInput, Consent]],
+    cache: NewsletterCache,
+    now: datetime | None = None,
+) -> list[SignupResult | InvalidInput | None]:
+    """PostgreSQL, outside a transaction: the requests whose address is new, signed up in one
+    statement (which commits alone, all of it or nothing), with the newsletters as `cache`
+    has them. One outcome per request, in order; None for one left to subscribe_on: an
+    address already known or blocked, a newsletter changed since it was cached (its entry
+    is dropped), the same address a second time.
+
+    subscribe_on's statements for a batch of new addresses are a look-up of the newsletters
+    and the blocklist, then one insert; here the insert itself checks both (NEW_ONLY), so a
+    batch is one round trip to the database where it was four with BEGIN and COMMIT.
+    """
+    now = now or utcnow()
+    missing = {s for data, _ in requests for s in data.newsletters} - cache.newsletters.keys()
+    if missing:
+        await cache.load(runner, missing)
+    answered, accepted = _works(requests, cache.newsletters)
+    outcomes: list[SignupResult | InvalidInput | None] = list(answered)
+    rounds = await _rounds(runner, accepted)
+    for later in rounds[1:]:
+        for work in later.values():
+            outcomes[work.index] = None
+    if not rounds:
+        return outcomes
+    for work in await _apply_new(runner, settings, list(rounds[0].values()), now, cache):
+        outcomes[work.index] = None
+        cache.forget(work.data.newsletters)  # perhaps changed: read again by the next batch
+    return outcomes
+
+
+def _works(
+    requests: Sequence[tuple[SignupInput, Consent]], found: dict[str, Newsletter]
+) -> tuple[list[SignupResult | InvalidInput], list[_Work]]:
+    """Each request's outcome, and the work of those to apply (not unknown, not honeypot)."""
     outcomes: list[SignupResult | InvalidInput] = []
     accepted: list[_Work] = []
-    rounds: list[dict[str, _Work]] = []
-    for data, consent in requests:
+    for index, (data, consent) in enumerate(requests):
         unknown = [slug for slug in data.newsletters if slug not in found]
         if unknown:
             outcomes.append(InvalidInput([unknown_newsletters(unknown)]))
@@ -255,29 +348,29 @@ async def subscribe_on(
         )
         outcomes.append(result)
         if not data.honeypot:
-            accepted.append(_Work(data, consent, newsletters, result))
-    # A blocked address or domain is answered like everyone else and changes nothing.
-    refused = suppression.refused({w.data.address.key for w in accepted}, blocking)
+            accepted.append(_Work(data, consent, newsletters, result, index=index))
+    return outcomes, accepted
+
+
+async def _rounds(runner: Runner, accepted: list[_Work]) -> list[dict[str, _Work]]:
+    """The works in rounds of distinct addresses, each round applied after the one before
+    (the same address twice in one batch is applied in order)."""
     # A suppressed address (bounced, complained, erased) comes back only through double
     # opt-in: single opt-in lists are not mailed or activated for it.
     single = [w for w in accepted if any(n.opt_in == OptIn.single.value for n in w.newsletters)]
     held = await suppression.suppressed_on(runner, {w.data.address.key for w in single})
+    rounds: list[dict[str, _Work]] = []
     for work in accepted:
-        if work.data.address.key in refused:
-            continue
         if work.data.address.key in held:
             work.newsletters = [n for n in work.newsletters if n.opt_in != OptIn.single.value]
             if not work.newsletters:
                 continue
-        # The same address twice in one batch is applied in order, one round each.
         target = next((r for r in rounds if work.data.address.key not in r), None)
         if target is None:
             target = {}
             rounds.append(target)
         target[work.data.address.key] = work
-    for batch in rounds:
-        await _apply(runner, settings, list(batch.values()), now)
-    return outcomes
+    return rounds
 
 
 async def _apply(runner: Runner, settings: Settings, batch: list[_Work], now: datetime) -> None:
@@ -312,17 +405,31 @@ async def _apply(runner: Runner, settings: Settings, batch: list[_Work], now: da
 
 
 async def _apply_new(
-    runner: Runner, settings: Settings, batch: list[_Work], now: datetime
+    runner: Runner,
+    settings: Settings,
+    batch: list[_Work],
+    now: datetime,
+    cache: NewsletterCache | None = None,
 ) -> list[_Work]:
     """PostgreSQL: every row of the batch's new addresses in one statement, written as if
     each address were new; a known one's rows are dropped by the statement (see
     bulk.insert_family). Returns the works whose address was known, to apply as such.
+    With `cache`, the newsletters it has: the statement also drops the rows of an address
+    the blocklist refuses or whose newsletters are no longer as cached (NEW_ONLY).
 
     One statement where there were two (the subscribers', then the rest, which needs their
     ids): a round trip less for every batch."""
     for number, work in enumerate(batch, start=1):
         work.subscriber_id, work.created = -number, True  # placeholders: no id is negative
     rows = _subscriber_rows(batch, now)
+    if cache is not None:
+        for row, work in zip(rows, batch, strict=True):
+            row["domains"] = suppression.domains_of(work.data.address.key)
+            row["expected"] = [
+                # Forgotten meanwhile (by another batch): never matches, the row is left out.
+                {"id": n.id, "print": cache.prints.get(n.id, "")}
+                for n in work.result.newsletters
+            ]
     new_rows, _, new_events = _subscription_writes(batch, {}, now)
     confirmations, mails = _mail(settings, batch, set(), now)
     written = await events.record_with_new_subscribers(
@@ -335,6 +442,7 @@ async def _apply_new(
             (table(Confirmation), confirmations),
             (table(OutboxMessage), mails),
         ],
+        only=NEW_ONLY if cache is not None else None,
     )
     known = []
     for work in batch:

@@ -1,12 +1,17 @@
 """Group commit for sign-ups: concurrent requests share one transaction.
 
 Each request is answered only after the transaction holding its rows has committed. Under
-load a batch waits a few milliseconds for as many sign-ups as the last one held: without that
-wait, batches alternate between one sign-up and all the others, and the one-sign-up batches
-cost as much as full ones (measured: 16 connections gave batches of 1 and 15 in turn). If a
-batch fails as a whole (a race on a unique key with another process, a dropped connection),
-every request in it is retried alone (through SQLAlchemy's session), so one bad apple never
-fails its neighbours.
+load a batch waits a few milliseconds for its share of the sign-ups in flight (all of them
+with one consumer, half with two): without that wait, batches alternate between one sign-up
+and all the others, and the one-sign-up batches cost as much as full ones (measured: 16
+connections gave batches of 1 and 15 in turn). If a batch fails as a whole (a race on a
+unique key with another process, a dropped connection), every request in it is retried alone
+(through SQLAlchemy's session), so one bad apple never fails its neighbours.
+
+On PostgreSQL the batch's new addresses go first, in one statement outside a transaction
+(signup.subscribe_new: one round trip where BEGIN, the newsletters' look-up, the insert and
+COMMIT made four); what that statement leaves (known addresses and the like) follows in a
+transaction, and only that part is retried if it fails.
 """
 
 from __future__ import annotations
@@ -21,7 +26,15 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from service.config import Settings
 from service.db import Database
 from service.errors import InvalidInput
-from service.signup import Consent, SignupResult, subscribe, subscribe_many, subscribe_on
+from service.signup import (
+    Consent,
+    NewsletterCache,
+    SignupResult,
+    subscribe,
+    subscribe_many,
+    subscribe_new,
+    subscribe_on,
+)
 from service.signup_input import SignupInput
 
 log = logging.getLogger(__name__)
@@ -44,9 +57,13 @@ class SignupBatcher:
         self.settings = settings
         self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self.tasks: list[asyncio.Task[None]] = []
-        self.last_batch = 1  # the load level: how many sign-ups the last batch held
-        self.filled = asyncio.Event()  # a whole batch is in: the queue and the held ones
-        self.held = 0  # sign-ups taken by a waiting consumer, no longer in the queue
+        self.newsletters = NewsletterCache()
+        self.collecting = asyncio.Lock()  # one consumer gathers a batch at a time
+        self.in_flight = 0  # sign-ups submitted and not yet answered
+        self.peak = 1  # the load level: the most in flight since the last batch was begun
+        self.target = 1  # how many sign-ups the batch being gathered waits for
+        self.filled = asyncio.Event()  # the target is in: the queue and the held one
+        self.held = 0  # the sign-up taken by the gathering consumer, no longer in the queue
 
     async def submit(self, data: SignupInput, consent: Consent) -> SignupResult:
         """Queue one sign-up and wait until its transaction has committed."""
@@ -60,9 +77,14 @@ class SignupBatcher:
             ]
         item = _Pending(data, consent)
         self.queue.put_nowait(item)
-        if self.queue.qsize() + self.held >= self.last_batch:
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        if self.queue.qsize() + self.held >= self.target:
             self.filled.set()
-        return await item.future
+        try:
+            return await item.future
+        finally:
+            self.in_flight -= 1
 
     async def stop(self) -> None:
         for task in self.tasks:
@@ -73,25 +95,65 @@ class SignupBatcher:
         self.tasks = []
 
     async def _consume(self) -> None:
-        wait = self.settings.signup_batch_wait_ms / 1000
         while True:
-            first = await self.queue.get()
-            if wait and self.queue.qsize() + 1 < self.last_batch:
-                self.filled.clear()
-                self.held += 1
-                try:
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(wait):
-                            await self.filled.wait()
-                finally:
-                    self.held -= 1
-            batch = [first]
-            while len(batch) < self.settings.signup_batch_size and not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-            self.last_batch = len(batch)
+            async with self.collecting:
+                batch = await self._gather()
             await self._process(batch)
 
+    async def _gather(self) -> list[_Pending]:
+        """The next batch: under load, a fair share of what is in flight (all of it with one
+        consumer, half with two), waited for up to signup_batch_wait_ms."""
+        consumers = len(self.tasks)
+        first = await self.queue.get()
+        self.target = -(-self.peak // consumers)
+        self.peak = self.in_flight
+        wait = self.settings.signup_batch_wait_ms / 1000
+        if wait and self.queue.qsize() + 1 < self.target:
+            self.filled.clear()
+            self.held = 1
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self.filled.wait()
+            finally:
+                self.held = 0
+        # More than the share when more came: the load grew.
+        share = max(self.target, -(-(self.queue.qsize() + 1) // consumers))
+        batch = [first]
+        while len(batch) < min(share, self.settings.signup_batch_size) and not self.queue.empty():
+            batch.append(self.queue.get_nowait())
+        return batch
+
     async def _process(self, batch: list[_Pending]) -> None:
+        if not self.db.is_sqlite:
+            batch = await self._process_new(batch)
+        if batch:
+            await self._process_together(batch)
+
+    async def _process_new(self, batch: list[_Pending]) -> list[_Pending]:
+        """PostgreSQL: the new addresses' sign-ups in one statement, outside a transaction
+        (signup.subscribe_new); returns the rest, to apply in a transaction."""
+        requests = [(p.data, p.consent) for p in batch]
+        try:
+            outcomes = await self.db.run_on_driver(
+                lambda runner: subscribe_new(runner, self.settings, requests, self.newsletters),
+                transaction=False,
+            )
+        except RETRYABLE:
+            return batch  # its one write failed whole: nothing of the batch was written
+        except Exception as exc:
+            for item in batch:
+                _settle(item, exc)
+            return []
+        rest = []
+        for item, outcome in zip(batch, outcomes, strict=True):
+            if outcome is None:
+                rest.append(item)
+            else:
+                _settle(item, outcome)
+        return rest
+
+    async def _process_together(self, batch: list[_Pending]) -> None:
         try:
             # On the driver itself: see service.driver for what SQLAlchemy's layer cost here.
             requests = [(p.data, p.consent) for p in batch]

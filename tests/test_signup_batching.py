@@ -6,13 +6,16 @@ import asyncio
 from typing import Any
 
 import httpx
+import pytest
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 
-from service import suppression
+from service import signup_batcher, suppression
 from service.config import Settings
 from service.db import Database
+from service.errors import InvalidInput
 from service.mail.worker import DeliveryWorker
-from service.models import Confirmation, Subscriber, Subscription
+from service.models import Confirmation, Event, Newsletter, Subscriber, Subscription
 from service.signup import Consent, SignupResult, subscribe_many, subscribe_on
 from service.signup_batcher import SignupBatcher
 from service.signup_input import parse_signup
@@ -203,3 +206,131 @@ async def test_one_batch_of_new_and_known_addresses_treats_each_as_what_it_is(
     ]
     assert subscribers == 4
     assert confirmations == 3  # waiting's first, new's and fresh's
+
+
+def _signups(settings: Settings, emails: list[str], *newsletters: str) -> list[Any]:
+    return [parse_signup({"email": e, "newsletters": list(newsletters)}, settings) for e in emails]
+
+
+async def _submit_together(batcher: SignupBatcher, signups: list[Any]) -> list[Any]:
+    """All in one batch: every submit is queued before the consumer first runs."""
+    try:
+        return await asyncio.gather(
+            *(batcher.submit(data, Consent("api")) for data in signups), return_exceptions=True
+        )
+    finally:
+        await batcher.stop()
+
+
+async def _rows(db: Database) -> list[tuple[str, str]]:
+    async with db.transaction() as session:
+        rows = await session.execute(
+            select(Subscriber.email_key, Subscription.status)
+            .join(Subscription, Subscription.subscriber_id == Subscriber.id)
+            .order_by(Subscriber.email_key, Subscription.newsletter_id)
+        )
+        return [tuple(r) for r in rows.all()]  # type: ignore[misc]
+
+
+async def test_a_newsletter_changed_after_it_was_cached_is_applied_as_it_is_now(
+    db: Database, settings: Settings
+) -> None:
+    """PostgreSQL keeps the newsletters sign-ups ask for between batches; a batch's statement
+    checks each against its row, so a change (to single opt-in, archived) holds at once."""
+    await make_newsletter(db, "weekly")
+    await make_newsletter(db, "daily")
+    batcher = SignupBatcher(db, settings)
+    await _submit_together(batcher, _signups(settings, ["a@example.com"], "weekly", "daily"))
+    async with db.transaction() as session:
+        await session.execute(
+            Newsletter.__table__.update()  # type: ignore[attr-defined]
+            .where(Newsletter.slug == "weekly")
+            .values(opt_in="single")
+        )
+        await session.execute(
+            Newsletter.__table__.update()  # type: ignore[attr-defined]
+            .where(Newsletter.slug == "daily")
+            .values(archived_at=func.now())
+        )
+    [single, archived] = await _submit_together(
+        batcher,
+        [
+            *_signups(settings, ["b@example.com"], "weekly"),
+            *_signups(settings, ["c@example.com"], "daily"),
+        ],
+    )
+    assert isinstance(single, SignupResult) and single.status == "active"
+    assert single.mail_queued == "welcome"
+    assert isinstance(archived, InvalidInput)
+    assert archived.errors[0].code == "unknown_newsletter"
+    assert await _rows(db) == [
+        ("a@example.com", "pending"),
+        ("a@example.com", "pending"),
+        ("b@example.com", "active"),
+    ]
+    # Cached again as it is now: the next batch is new addresses only, applied as such.
+    [again] = await _submit_together(batcher, _signups(settings, ["d@example.com"], "weekly"))
+    assert isinstance(again, SignupResult) and again.status == "active"
+
+
+async def test_a_batch_of_new_known_blocked_and_repeated_addresses_on_the_batcher(
+    db: Database, settings: Settings, smtp: SMTPServer, worker: DeliveryWorker
+) -> None:
+    """On PostgreSQL the new addresses are written by one statement outside a transaction and
+    the rest in a transaction after it; each gets its own rows and mail, exactly once."""
+    await make_newsletter(db, "weekly")
+    async with db.transaction() as session:
+        await suppression.add_block(session, "domain", "spam.example")
+    batcher = SignupBatcher(db, settings)
+    await _submit_together(batcher, _signups(settings, ["known@example.com"], "weekly"))
+    emails = [
+        "new1@example.com",
+        "known@example.com",  # mailed a moment ago: capped
+        "x@mail.spam.example",  # blocked by its parent domain
+        "new2@example.com",
+        "New1@Example.com",  # the same address again in the batch
+    ]
+    outcomes = await _submit_together(batcher, _signups(settings, emails, "weekly"))
+    assert [o.mail_queued for o in outcomes] == ["confirmation", None, None, "confirmation", None]
+    assert await _rows(db) == [
+        ("known@example.com", "pending"),
+        ("new1@example.com", "pending"),
+        ("new2@example.com", "pending"),
+    ]
+    await deliver(worker)
+    recipients = sorted(r for mail in smtp.sink.received for r in mail.rcpt_tos)
+    assert recipients == ["known@example.com", "new1@example.com", "new2@example.com"]
+
+
+async def test_when_the_transaction_after_the_new_addresses_fails_only_the_rest_is_retried(
+    db: Database, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new addresses' statement has committed before the known ones are applied: a failed
+    transaction for those must not apply the new ones a second time."""
+    await make_newsletter(db, "weekly")
+    batcher = SignupBatcher(db, settings)
+    await _submit_together(batcher, _signups(settings, ["known@example.com"], "weekly"))
+    failed: list[int] = []
+
+    async def fails_once(runner: Any, settings: Settings, requests: Any) -> Any:
+        failed.append(len(requests))
+        raise OperationalError("the batch", (), ConnectionError("dropped"))
+
+    monkeypatch.setattr(signup_batcher, "subscribe_on", fails_once)
+    outcomes = await _submit_together(
+        batcher, _signups(settings, ["new@example.com", "known@example.com"], "weekly")
+    )
+    assert all(isinstance(o, SignupResult) for o in outcomes)
+    # SQLite applies the whole batch in the transaction; PostgreSQL only the known address.
+    assert failed == ([2] if db.is_sqlite else [1])
+    async with db.transaction() as session:
+        events = (
+            await session.execute(
+                select(Subscriber.email_key, func.count(Event.id))
+                .join(Event, Event.subscriber_id == Subscriber.id)
+                .where(Event.type == "subscription.pending")
+                .group_by(Subscriber.email_key)
+                .order_by(Subscriber.email_key)
+            )
+        ).all()
+    assert [tuple(e) for e in events] == [("known@example.com", 2), ("new@example.com", 1)]
