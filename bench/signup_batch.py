@@ -2,7 +2,7 @@
 statement in it, with no HTTP server and no load generator beside it.
 
 The app is driven over ASGI as in signup_instructions.py (a warm-up, then N sign-ups at
-concurrency 16). Every `Database.run_on_driver` call (one batch) is timed, and every statement
+concurrency 16). Every batch (`SignupBatcher._process`) is timed, and every statement
 the driver runs in it (BEGIN and COMMIT are in the batch's time only); CPU is the whole
 process's (user + system, all threads) over the measured sign-ups.
 A quieter figure than a wrk run for what a change to the batch does, since on a shared 2-core
@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ import signup_instructions
 
 from service import driver
 from service.app import create_app
-from service.db import Database
+from service.signup_batcher import SignupBatcher
 
 WARMUP = 600
 
@@ -43,17 +43,17 @@ class Timings:
         self.statements: dict[str, list[float]] = defaultdict(list)
 
     def install(self) -> None:
-        run_on_driver = Database.run_on_driver
+        process = SignupBatcher._process
         timings = self
 
-        async def timed_batch(db: Database, work: Callable[..., Coroutine[Any, Any, Any]]) -> Any:
+        async def timed_batch(batcher: SignupBatcher, batch: list[Any]) -> None:
             started = time.perf_counter()
             try:
-                return await run_on_driver(db, work)
+                await process(batcher, batch)
             finally:
                 timings.batches.append(time.perf_counter() - started)
 
-        Database.run_on_driver = timed_batch  # type: ignore[method-assign]
+        SignupBatcher._process = timed_batch  # type: ignore[method-assign]
         for runner in (driver.AsyncpgRunner, driver.SqliteThreadRunner):
             self._time_statements(runner)
 

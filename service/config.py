@@ -127,14 +127,19 @@ class Settings(BaseSettings):
         default=64, description="Most sign-ups committed in one transaction."
     )
     signup_batch_consumers: int = Field(
-        default=1, description="Sign-up transactions a process runs at once."
+        default=0,
+        ge=0,
+        description=(
+            "Sign-up batches a process runs at once (0 = 2 on PostgreSQL, where one batch is "
+            "gathered while another is written; 1 on SQLite, whose writers take turns)."
+        ),
     )
     signup_batch_wait_ms: float = Field(
         default=3.0,
         ge=0,
         description=(
-            "Under load, how long a sign-up batch may wait for as many sign-ups as the last "
-            "batch held (0 = never wait; an idle service never waits)."
+            "Under load, how long a sign-up batch may wait for its share of the sign-ups in "
+            "flight (0 = never wait; an idle service never waits)."
         ),
     )
     db_echo: bool = Field(

@@ -73,7 +73,9 @@ class SignupBatcher:
         if not self.tasks:
             self.tasks = [
                 asyncio.create_task(self._consume())
-                for _ in range(max(1, self.settings.signup_batch_consumers))
+                for _ in range(
+                    self.settings.signup_batch_consumers or (1 if self.db.is_sqlite else 2)
+                )
             ]
         item = _Pending(data, consent)
         self.queue.put_nowait(item)

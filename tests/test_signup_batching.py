@@ -101,7 +101,10 @@ async def test_under_load_a_batch_waits_to_be_as_full_as_the_last(
             sizes.append(len(batch))
             await super()._process(batch)
 
-    batcher = Observed(db, settings.model_copy(update={"signup_batch_wait_ms": 2000}))
+    batcher = Observed(
+        db,
+        settings.model_copy(update={"signup_batch_wait_ms": 2000, "signup_batch_consumers": 1}),
+    )
 
     def signup(i: int) -> Any:
         data = parse_signup({"email": f"r{i}@example.com", "newsletters": ["weekly"]}, settings)
@@ -123,6 +126,33 @@ async def test_under_load_a_batch_waits_to_be_as_full_as_the_last(
     assert [r.status for r in [*burst, *later, alone]] == ["pending"] * 17
     async with db.transaction() as session:
         assert await session.scalar(select(func.count()).select_from(Subscriber)) == 17
+
+
+async def test_two_consumers_share_the_load_and_write_at_once(
+    db: Database, settings: Settings
+) -> None:
+    """With two consumers (PostgreSQL's default) each gathers half of what is in flight, so
+    one batch is gathered while the other is written."""
+    await make_newsletter(db, "weekly")
+    sizes: list[int] = []
+    running = [0, 0]  # batches begun and not ended: now, at most
+
+    class Observed(SignupBatcher):
+        async def _process(self, batch: list[Any]) -> None:
+            sizes.append(len(batch))
+            running[0] += 1
+            running[1] = max(running)
+            try:
+                await super()._process(batch)
+            finally:
+                running[0] -= 1
+
+    batcher = Observed(db, settings.model_copy(update={"signup_batch_consumers": 2}))
+    signups = _signups(settings, [f"r{i}@example.com" for i in range(8)], "weekly")
+    outcomes = await _submit_together(batcher, signups)
+    assert sizes == [4, 4]
+    assert running[1] == 2  # the second began before the first had ended
+    assert [o.status for o in outcomes] == ["pending"] * 8
 
 
 async def test_one_batch_refuses_each_blocked_address_and_no_other(db: Database) -> None:
