@@ -2,7 +2,9 @@
 
 `subscribe_many` applies a batch of validated sign-ups with a handful of Core statements
 (one multi-row statement per table, whatever the batch size), so concurrent requests can share
-one transaction and one commit. `subscribe` is the same for one sign-up.
+one transaction and one commit. `subscribe` is the same for one sign-up. On PostgreSQL the
+batcher first hands a batch to `subscribe_new`, which writes its new addresses in one
+statement outside a transaction, and gives the rest to `subscribe_on`.
 """
 
 from __future__ import annotations
