@@ -249,11 +249,10 @@ async def insert_many(
 @dataclass(frozen=True)
 class Only:
     """insert_family: write only the parents for which `sql` holds, an SQL condition on the
-    parent's row `r` that may read `columns`, values each parent row carries besides its
-    table's (`record`: their json_to_recordset definition, "name type, ...")."""
+    parent's row `r` that may read `extra`: values each parent row carries besides its
+    table's, as (name, PostgreSQL type) pairs."""
 
-    columns: tuple[str, ...]
-    record: str
+    extra: tuple[tuple[str, str], ...]
     sql: str
 
 
@@ -273,7 +272,8 @@ def _family(
     table: Table = Base.metadata.tables[table_name]
     record, picked, json_columns = _recordset(dialect, table, columns)
     plans = [_Plan("", (), json_columns)]
-    extra, where = (f", {only.record}", f" WHERE {only.sql}") if only else ("", "")
+    extra = "".join(f", {quote(name)} {kind}" for name, kind in only.extra) if only else ""
+    where = f" WHERE {only.sql}" if only else ""
     ctes = [
         f"given AS (SELECT * FROM json_to_recordset($1::json) AS r(ref bigint, {record}{extra})"  # noqa: S608
         f"{where})",
@@ -321,7 +321,8 @@ async def insert_family(
         then = None  # nothing written for it to read
     children = [(child, child_rows) for child, child_rows in children if child_rows]
     shape = tuple((child.name, tuple(child_rows[0])) for child, child_rows in children)
-    columns = tuple(name for name in rows[0] if not (only and name in only.columns))
+    extra = {name for name, _ in only.extra} if only else set()
+    columns = tuple(name for name in rows[0] if name not in extra)
     sql, plans = _family(runner.dialect, (table.name, columns), key, shape, ref, then, only)
     given = [{"ref": number} | row for number, row in zip(refs, rows, strict=True)]
     documents = [

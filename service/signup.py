@@ -84,33 +84,48 @@ class SignupResult:
 # The hot path's statements, built once (building a SQL expression costs more CPU than
 # running it) and run on a service.driver Runner. Lists are bound as one parameter each.
 _newsletters = table(Newsletter)
+
+
+def _newsletters_by_slug(extra: Any) -> Query:
+    """The newsletters (not archived) of the slugs bound as `slugs`, with one more column."""
+    return Query(
+        select(_newsletters, extra).where(
+            any_of(_newsletters.c.slug, "slugs"), _newsletters.c.archived_at.is_(None)
+        )
+    )
+
+
 # With each newsletter row, the blocklist entries that refuse one of the batch's addresses.
-NEWSLETTERS_BY_SLUG = Query(
-    select(_newsletters, suppression.BLOCKING.label("blocking")).where(
-        any_of(_newsletters.c.slug, "slugs"), _newsletters.c.archived_at.is_(None)
-    )
-)
-# PostgreSQL: the newsletters with their rows' fingerprints, for NewsletterCache.
-NEWSLETTER_PRINTS = Query(
-    select(_newsletters, func.md5(literal_column("newsletters::text")).label("print")).where(
-        any_of(_newsletters.c.slug, "slugs"), _newsletters.c.archived_at.is_(None)
-    )
+NEWSLETTERS_BY_SLUG = _newsletters_by_slug(suppression.BLOCKING.label("extra"))
+# PostgreSQL: with each newsletter row its fingerprint, for NewsletterCache.
+NEWSLETTER_PRINTS = _newsletters_by_slug(
+    func.md5(literal_column("newsletters::text")).label("extra")
 )
 # subscribe_new's condition on each new subscriber's row: each of its newsletters is still
 # as cached (not archived, same fingerprint), and the blocklist refuses neither the address
-# nor one of its domains (each row carries them, as suppression.domains_of gives them).
+# nor one of its domains.
 NEW_ONLY = bulk.Only(
-    columns=("domains", "expected"),
-    record="domains text[], expected json",
+    extra=(("domains", "text[]"), ("expected", "json")),
     sql=(
-        "NOT EXISTS (SELECT 1 FROM json_to_recordset(r.expected) AS e(id integer, print text) "
+        "NOT EXISTS (SELECT 1 FROM json_to_recordset(r.expected) AS e(id integer, print text) "  # noqa: S608
         "LEFT JOIN newsletters AS n ON n.id = e.id AND n.archived_at IS NULL "
-        "WHERE n.id IS NULL OR md5(n::text) <> e.print) "
-        "AND NOT EXISTS (SELECT 1 FROM blocklist AS b "
-        "WHERE (b.kind = 'address' AND b.value = r.email_key) "
-        "OR (b.kind = 'domain' AND b.value = ANY(r.domains)))"
+        f"WHERE n.id IS NULL OR md5(n::text) <> e.print) AND NOT {suppression.BLOCKS_ROW}"
     ),
 )
+
+
+async def _read_newsletters(
+    runner: Runner, query: Query, params: dict[str, Any]
+) -> list[tuple[Newsletter, Any]]:
+    """A _newsletters_by_slug query's newsletters, each with its extra column's value."""
+    found = []
+    for row in await runner.rows(query, params):
+        columns = dict(zip(query.columns, row, strict=True))
+        extra = columns.pop("extra")
+        found.append((Newsletter(**columns), extra))
+    return found
+
+
 _subscribers = table(Subscriber)
 KNOWN_SUBSCRIBERS = Query(
     select(_subscribers.c.id, _subscribers.c.public_id, _subscribers.c.email_key).where(
@@ -253,17 +268,13 @@ async def subscribe_on(
     now = now or utcnow()
     slugs = {slug for data, _ in requests for slug in data.newsletters}
     keys = {data.address.key for data, _ in requests if not data.honeypot}
-    rows = await runner.rows(
-        NEWSLETTERS_BY_SLUG, {"slugs": list(slugs), **suppression.blocking_params(keys)}
+    rows = await _read_newsletters(
+        runner,
+        NEWSLETTERS_BY_SLUG,
+        {"slugs": list(slugs), **suppression.blocking_params(keys)},
     )
-    found: dict[str, Newsletter] = {}
-    blocking = None  # the same on every row
-    names = NEWSLETTERS_BY_SLUG.columns
-    for row in rows:
-        columns = dict(zip(names, row, strict=True))
-        blocking = columns.pop("blocking")
-        found[columns["slug"]] = Newsletter(**columns)
-    outcomes, accepted = _works(requests, found)
+    blocking = rows[0][1] if rows else None  # the same on every row
+    outcomes, accepted = _works(requests, {n.slug: n for n, _ in rows})
     # A blocked address or domain is answered like everyone else and changes nothing.
     refused = suppression.refused({w.data.address.key for w in accepted}, blocking)
     for batch in await _rounds(runner, [w for w in accepted if w.data.address.key not in refused]):
@@ -283,11 +294,10 @@ class NewsletterCache:
 
     async def load(self, runner: Runner, slugs: set[str]) -> None:
         """Read these slugs' newsletters (those not archived; a slug not found stays out)."""
-        names = NEWSLETTER_PRINTS.columns
-        for row in await runner.rows(NEWSLETTER_PRINTS, {"slugs": list(slugs)}):
-            columns = dict(zip(names, row, strict=True))
-            fingerprint = columns.pop("print")
-            newsletter = self.newsletters[columns["slug"]] = Newsletter(**columns)
+        for newsletter, fingerprint in await _read_newsletters(
+            runner, NEWSLETTER_PRINTS, {"slugs": list(slugs)}
+        ):
+            self.newsletters[newsletter.slug] = newsletter
             self.prints[newsletter.id] = fingerprint
 
     def forget(self, slugs: Sequence[str]) -> None:

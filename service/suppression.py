@@ -34,6 +34,13 @@ BLOCKING = (
     )
     .scalar_subquery()
 )
+# PostgreSQL: BLOCKING's rule for one row `r` of a statement, that carries the address as
+# `email_key` and its domains (domains_of) as `domains`, a text[]: true when it is refused.
+BLOCKS_ROW = (
+    f"EXISTS (SELECT 1 FROM {BlockedEntry.__tablename__} AS b "  # noqa: S608 (SQL of ours)
+    "WHERE (b.kind = 'address' AND b.value = r.email_key) "
+    "OR (b.kind = 'domain' AND b.value = ANY(r.domains)))"
+)
 
 
 def address_hash(email_key: str) -> str:

@@ -22,6 +22,30 @@ from service.signup_input import parse_signup
 from tests.conftest import SMTPServer, deliver, make_newsletter
 
 
+def _signups(settings: Settings, emails: list[str], *newsletters: str) -> list[Any]:
+    return [parse_signup({"email": e, "newsletters": list(newsletters)}, settings) for e in emails]
+
+
+async def _submit_together(batcher: SignupBatcher, signups: list[Any]) -> list[Any]:
+    """All in one batch: every submit is queued before the consumer first runs."""
+    try:
+        return await asyncio.gather(
+            *(batcher.submit(data, Consent("api")) for data in signups), return_exceptions=True
+        )
+    finally:
+        await batcher.stop()
+
+
+async def _rows(db: Database) -> list[tuple[str, str]]:
+    async with db.transaction() as session:
+        rows = await session.execute(
+            select(Subscriber.email_key, Subscription.status)
+            .join(Subscription, Subscription.subscriber_id == Subscriber.id)
+            .order_by(Subscriber.email_key, Subscription.newsletter_id)
+        )
+        return [tuple(r) for r in rows.all()]  # type: ignore[misc]
+
+
 async def test_concurrent_signups_each_get_their_own_answer(
     client: httpx.AsyncClient, db: Database, smtp: SMTPServer, worker: DeliveryWorker
 ) -> None:
@@ -217,16 +241,9 @@ async def test_one_batch_of_new_and_known_addresses_treats_each_as_what_it_is(
         None,  # one address twice in a batch: the second is capped by the first's mail
     ]
     async with db.transaction() as session:
-        rows = (
-            await session.execute(
-                select(Subscriber.email_key, Subscription.status)
-                .join(Subscription, Subscription.subscriber_id == Subscriber.id)
-                .order_by(Subscriber.email_key, Subscription.newsletter_id)
-            )
-        ).all()
         confirmations = await session.scalar(select(func.count()).select_from(Confirmation))
         subscribers = await session.scalar(select(func.count()).select_from(Subscriber))
-    assert [tuple(r) for r in rows] == [
+    assert await _rows(db) == [
         ("active@example.com", "pending"),  # weekly, made first
         ("active@example.com", "active"),  # daily
         ("fresh@example.com", "pending"),
@@ -236,30 +253,6 @@ async def test_one_batch_of_new_and_known_addresses_treats_each_as_what_it_is(
     ]
     assert subscribers == 4
     assert confirmations == 3  # waiting's first, new's and fresh's
-
-
-def _signups(settings: Settings, emails: list[str], *newsletters: str) -> list[Any]:
-    return [parse_signup({"email": e, "newsletters": list(newsletters)}, settings) for e in emails]
-
-
-async def _submit_together(batcher: SignupBatcher, signups: list[Any]) -> list[Any]:
-    """All in one batch: every submit is queued before the consumer first runs."""
-    try:
-        return await asyncio.gather(
-            *(batcher.submit(data, Consent("api")) for data in signups), return_exceptions=True
-        )
-    finally:
-        await batcher.stop()
-
-
-async def _rows(db: Database) -> list[tuple[str, str]]:
-    async with db.transaction() as session:
-        rows = await session.execute(
-            select(Subscriber.email_key, Subscription.status)
-            .join(Subscription, Subscription.subscriber_id == Subscriber.id)
-            .order_by(Subscriber.email_key, Subscription.newsletter_id)
-        )
-        return [tuple(r) for r in rows.all()]  # type: ignore[misc]
 
 
 async def test_a_newsletter_changed_after_it_was_cached_is_applied_as_it_is_now(
