@@ -170,6 +170,12 @@ class Settings(BaseSettings):
         default="info", description="debug, info, warning; addresses are logged only at debug."
     )
     json_logs: bool = Field(default=True, description="One JSON object per log line.")
+    opentelemetry: bool = Field(
+        default=False,
+        description="FastAPI's own OpenTelemetry traces, metrics and logs, to the providers an "
+        "OpenTelemetry SDK sets up in the process (off: no per-request provider checks; "
+        "/metrics is Prometheus either way).",
+    )
     # Abuse resistance of the public sign-up (docs/abuse.md).
     signup_rate_limit: str = Field(
         default="60/minute;300/hour",

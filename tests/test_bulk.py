@@ -320,6 +320,41 @@ async def test_json_values_holding_nul_characters_read_back_as_written(
     assert stored == hostile
 
 
+async def test_an_integer_past_64_bits_in_a_json_column_reads_back_as_written(
+    db: Database, way: str
+) -> None:
+    """The fast encoder refuses such an integer; the row is written all the same."""
+    when = datetime.now(UTC)
+    attributes = {"big": 2**70, "negative": -(2**64), "text": "ж"}
+
+    async def work(runner: Runner) -> list[tuple[Any, ...]]:
+        return await bulk.insert_rows(
+            runner, table(Subscriber), [_subscriber(1, when) | {"attributes": attributes}]
+        )
+
+    await write(db, way, work)
+    async with db.transaction() as session:
+        stored = await session.scalar(select(table(Subscriber).c.attributes))
+    assert stored == attributes
+
+
+async def test_a_naive_timestamp_is_refused_and_nothing_is_written(db: Database, way: str) -> None:
+    """Without an offset, PostgreSQL would read it in the session's time zone."""
+    naive = datetime(2026, 11, 25, 12, 0, 0)
+
+    async def work(runner: Runner) -> list[tuple[Any, ...]]:
+        rows = [_subscriber(1, datetime.now(UTC)), _subscriber(2, naive)]
+        return await bulk.insert_rows(runner, table(Subscriber), rows)
+
+    with pytest.raises(ValueError, match="naive datetime"):
+        await write(db, way, work)
+    async with db.transaction() as session:
+        assert (
+            await session.scalar(select(sqlalchemy.func.count()).select_from(table(Subscriber)))
+            == 0
+        )
+
+
 async def test_a_value_longer_than_its_column_is_cut_as_an_explicit_cast_cuts_it(
     db: Database, way: str
 ) -> None:

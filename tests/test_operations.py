@@ -5,10 +5,18 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterator
 
 import httpx
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.app import create_app
+from service.config import Settings
 from service.db import Database
 from service.observability import JSONFormatter, request_id
 from tests.conftest import make_newsletter
@@ -59,6 +67,34 @@ async def test_metrics_show_latency_by_route_and_outbox_depth(
     }
     assert signups["accepted"] >= 3
     assert signups["invalid"] >= 1  # a malformed address is counted, not only a bad newsletter
+
+
+@pytest.fixture(scope="module")
+def otel_spans() -> Iterator[InMemorySpanExporter]:
+    """An OpenTelemetry SDK set up as a deployment would, its spans kept in memory (the
+    global provider can be set once per process)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    yield exporter
+    provider.shutdown()
+
+
+async def test_opentelemetry_setting_turns_fastapi_spans_on(
+    settings: Settings, db: Database, otel_spans: InMemorySpanExporter
+) -> None:
+    seen = {}
+    for enabled in (False, True):
+        otel_spans.clear()
+        app = create_app(settings.model_copy(update={"opentelemetry": enabled}))
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+            assert (await http.get("/healthz")).status_code == 200
+        await app.state.db.dispose()
+        seen[enabled] = [span.name for span in otel_spans.get_finished_spans()]
+    assert seen[False] == []
+    assert "GET /healthz" in seen[True]
 
 
 async def test_request_id_is_echoed_or_made(client: httpx.AsyncClient) -> None:
