@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from service.config import Settings
-from service.db import Database
+from service.db import Database, HeldConnection
 from service.errors import InvalidInput
 from service.signup import (
     Consent,
@@ -64,6 +64,7 @@ class SignupBatcher:
         self.target = 1  # how many sign-ups the batch being gathered waits for
         self.filled = asyncio.Event()  # the target is in: the queue and the held one
         self.held = 0  # the sign-up taken by the gathering consumer, no longer in the queue
+        self.connections: list[HeldConnection] = []  # each consumer's (PostgreSQL)
 
     async def submit(self, data: SignupInput, consent: Consent) -> SignupResult:
         """Queue one sign-up and wait until its transaction has committed."""
@@ -94,13 +95,28 @@ class SignupBatcher:
         for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self.tasks = []
+        self.tasks, self.connections = [], []
 
     async def _consume(self) -> None:
-        while True:
-            async with self.collecting:
-                batch = await self._gather()
-            await self._process(batch)
+        # On PostgreSQL each consumer keeps its connection from one batch to the next while
+        # sign-ups keep coming; all go back to the pool when none is left in flight.
+        connection = None if self.db.is_sqlite else HeldConnection()
+        if connection is not None:
+            self.connections.append(connection)
+        try:
+            while True:
+                async with self.collecting:
+                    batch = await self._gather()
+                await self._process(batch, connection)
+                if connection is not None and self.in_flight <= len(batch):
+                    # Only the sign-ups just answered were in flight: the load is over.
+                    await self._release_connections()
+        finally:
+            await self._release_connections()
+
+    async def _release_connections(self) -> None:
+        for connection in self.connections:
+            await self.db.release(connection)  # one in use is not held meanwhile: left alone
 
     async def _gather(self) -> list[_Pending]:
         """The next batch: under load, a fair share of what is in flight (all of it with one
@@ -126,13 +142,15 @@ class SignupBatcher:
             batch.append(self.queue.get_nowait())
         return batch
 
-    async def _process(self, batch: list[_Pending]) -> None:
+    async def _process(self, batch: list[_Pending], connection: HeldConnection | None) -> None:
         if not self.db.is_sqlite:
-            batch = await self._process_new(batch)
+            batch = await self._process_new(batch, connection)
         if batch:
-            await self._process_together(batch)
+            await self._process_together(batch, connection)
 
-    async def _process_new(self, batch: list[_Pending]) -> list[_Pending]:
+    async def _process_new(
+        self, batch: list[_Pending], connection: HeldConnection | None
+    ) -> list[_Pending]:
         """PostgreSQL: the new addresses' sign-ups in one statement, outside a transaction
         (signup.subscribe_new); returns the rest, to apply in a transaction."""
         requests = [(p.data, p.consent) for p in batch]
@@ -140,6 +158,7 @@ class SignupBatcher:
             outcomes = await self.db.run_on_driver(
                 lambda runner: subscribe_new(runner, self.settings, requests, self.newsletters),
                 transaction=False,
+                held=connection,
             )
         except RETRYABLE:
             return batch  # its one write failed whole: nothing of the batch was written
@@ -155,12 +174,14 @@ class SignupBatcher:
                 _settle(item, outcome)
         return rest
 
-    async def _process_together(self, batch: list[_Pending]) -> None:
+    async def _process_together(
+        self, batch: list[_Pending], connection: HeldConnection | None
+    ) -> None:
         try:
             # On the driver itself: see service.driver for what SQLAlchemy's layer cost here.
             requests = [(p.data, p.consent) for p in batch]
             outcomes = await self.db.run_on_driver(
-                lambda runner: subscribe_on(runner, self.settings, requests)
+                lambda runner: subscribe_on(runner, self.settings, requests), held=connection
             )
         except RETRYABLE:
             log.warning("sign-up batch of %d failed; retrying one by one", len(batch))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -69,16 +68,15 @@ async def test_metrics_show_latency_by_route_and_outbox_depth(
     assert signups["invalid"] >= 1  # a malformed address is counted, not only a bad newsletter
 
 
-@pytest.fixture(scope="module")
-def otel_spans() -> Iterator[InMemorySpanExporter]:
+@pytest.fixture(scope="session")
+def otel_spans() -> InMemorySpanExporter:
     """An OpenTelemetry SDK set up as a deployment would, its spans kept in memory (the
-    global provider can be set once per process)."""
+    global provider can be set once per process: it stays for the session)."""
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
-    yield exporter
-    provider.shutdown()
+    return exporter
 
 
 async def test_opentelemetry_setting_turns_fastapi_spans_on(

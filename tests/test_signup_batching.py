@@ -5,21 +5,23 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from sqlalchemy.exc import OperationalError
 
+from service import db as db_module
 from service import signup_batcher, suppression
 from service.config import Settings
-from service.db import Database
+from service.db import Database, HeldConnection
 from service.errors import InvalidInput
 from service.mail.worker import DeliveryWorker
 from service.models import Confirmation, Event, Newsletter, Subscriber, Subscription
 from service.signup import Consent, SignupResult, subscribe_many, subscribe_on
 from service.signup_batcher import SignupBatcher
 from service.signup_input import parse_signup
-from tests.conftest import SMTPServer, deliver, make_newsletter
+from tests.conftest import SMTPServer, TestDatabase, deliver, make_newsletter
 
 
 def _signups(settings: Settings, emails: list[str], *newsletters: str) -> list[Any]:
@@ -121,9 +123,9 @@ async def test_under_load_a_batch_waits_to_be_as_full_as_the_last(
     sizes: list[int] = []
 
     class Observed(SignupBatcher):
-        async def _process(self, batch: list[Any]) -> None:
+        async def _process(self, batch: list[Any], held: HeldConnection | None) -> None:
             sizes.append(len(batch))
-            await super()._process(batch)
+            await super()._process(batch, held)
 
     batcher = Observed(
         db,
@@ -162,12 +164,12 @@ async def test_two_consumers_share_the_load_and_write_at_once(
     running = [0, 0]  # batches begun and not ended: now, at most
 
     class Observed(SignupBatcher):
-        async def _process(self, batch: list[Any]) -> None:
+        async def _process(self, batch: list[Any], held: HeldConnection | None) -> None:
             sizes.append(len(batch))
             running[0] += 1
             running[1] = max(running)
             try:
-                await super()._process(batch)
+                await super()._process(batch, held)
             finally:
                 running[0] -= 1
 
@@ -177,6 +179,110 @@ async def test_two_consumers_share_the_load_and_write_at_once(
     assert sizes == [4, 4]
     assert running[1] == 2  # the second began before the first had ended
     assert [o.status for o in outcomes] == ["pending"] * 8
+
+
+async def _batches_of_four(
+    batcher: SignupBatcher, settings: Settings, count: int, prefix: str
+) -> None:
+    """`count` new addresses submitted at once, answered in batches of four."""
+    emails = [f"{prefix}{i}@example.com" for i in range(count)]
+    outcomes = await asyncio.gather(
+        *(batcher.submit(data, Consent("api")) for data in _signups(settings, emails, "weekly"))
+    )
+    assert [o.status for o in outcomes] == ["pending"] * count
+
+
+async def _returned(db: Database) -> bool:
+    """Whether every connection is back in the pool, waited for a little: the last batch's
+    consumer gives them back after answering."""
+    for _ in range(100):
+        if db.engine.sync_engine.pool.checkedout() == 0:
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
+async def test_a_consumer_keeps_its_postgresql_connection_while_signups_keep_coming(
+    db: Database, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pool's checkout and return are paid once a burst, not once a batch; when nothing
+    is left in flight the connection goes back. One idle for a while is given back before
+    the next batch (the pool pings such a one)."""
+    if db.is_sqlite:
+        pytest.skip("SQLite's one connection is shared with the API: never held")
+    await make_newsletter(db, "weekly")
+    checkouts: list[int] = []
+    event.listen(db.engine.sync_engine.pool, "checkout", lambda *_: checkouts.append(1))
+    batches: list[int] = []
+
+    class Observed(SignupBatcher):
+        async def _process(self, batch: list[Any], connection: HeldConnection | None) -> None:
+            batches.append(len(batch))
+            await super()._process(batch, connection)
+
+    fours = settings.model_copy(update={"signup_batch_consumers": 1, "signup_batch_size": 4})
+    batcher = Observed(db, fours)
+    try:
+        await _batches_of_four(batcher, settings, 40, prefix="a")
+        assert (len(batches), len(checkouts)) == (10, 1)
+        assert await _returned(db)  # the burst is over
+
+        await _batches_of_four(batcher, settings, 4, prefix="b")
+        assert (len(batches), len(checkouts)) == (11, 2)
+        assert await _returned(db)
+
+        checkouts.clear()
+        monkeypatch.setattr(db_module, "IDLE_PING_AFTER", 0.0)  # every batch finds it idle
+        await _batches_of_four(batcher, settings, 12, prefix="c")
+        assert len(checkouts) == 3
+    finally:
+        await batcher.stop()
+    assert await _returned(db)
+    assert len(await _rows(db)) == 56
+
+
+async def test_a_held_connection_killed_between_batches_loses_no_signup(
+    db: Database, settings: Settings, test_database: TestDatabase
+) -> None:
+    if db.is_sqlite:
+        pytest.skip("terminating server backends is a PostgreSQL fault")
+    await make_newsletter(db, "weekly")
+    killed: list[int] = []
+    held_before: list[int | None] = []  # the server pid of the connection each batch found held
+
+    def pid(connection: HeldConnection) -> int | None:
+        fairy = connection.fairy
+        return (
+            fairy.driver_connection.get_server_pid() if fairy and fairy.driver_connection else None
+        )
+
+    class Observed(SignupBatcher):
+        async def _process(self, batch: list[Any], connection: HeldConnection | None) -> None:
+            assert connection is not None
+            held_before.append(pid(connection))
+            await super()._process(batch, connection)
+            if len(held_before) == 2:  # kill what the third batch will find held
+                victim = pid(connection)
+                assert victim is not None
+                conn = await asyncpg.connect(test_database.url)
+                try:
+                    assert await conn.fetchval("SELECT pg_terminate_backend($1)", victim)
+                finally:
+                    await conn.close()
+                killed.append(victim)
+
+    fours = settings.model_copy(update={"signup_batch_consumers": 1, "signup_batch_size": 4})
+    batcher = Observed(db, fours)
+    try:
+        # The batch on the dead connection fails whole and is retried one by one; the
+        # batches after it run on a new connection.
+        await _batches_of_four(batcher, settings, 20, prefix="k")
+    finally:
+        await batcher.stop()
+    assert len(held_before) == 5 and held_before[2] == killed[0]
+    assert held_before[3] is not None and held_before[3] != killed[0]
+    assert await _returned(db)
+    assert [status for _, status in await _rows(db)] == ["pending"] * 20
 
 
 async def test_one_batch_refuses_each_blocked_address_and_no_other(db: Database) -> None:
