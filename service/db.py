@@ -215,13 +215,14 @@ class Database:
                 await greenlet_spawn(fairy.close)
 
     async def _checkout(self, held: HeldConnection | None) -> PoolProxiedConnection:
-        fairy = held.take() if held is not None else None
-        if fairy is not None and held is not None:
-            if time.monotonic() - held.used_at < IDLE_PING_AFTER:
+        if held is not None:
+            fairy = held.take()
+            if fairy is not None and time.monotonic() - held.used_at < IDLE_PING_AFTER:
                 return fairy
-            # Idle long enough to have been closed by the server: back to the pool, which
-            # pings such a connection before handing one out.
-            await greenlet_spawn(fairy.close)
+            if fairy is not None:
+                # Idle long enough to have been closed by the server: back to the pool, which
+                # pings such a connection before handing one out.
+                await greenlet_spawn(fairy.close)
         return await self.engine.raw_connection()
 
     async def release(self, held: HeldConnection) -> None:
