@@ -123,9 +123,9 @@ async def test_under_load_a_batch_waits_to_be_as_full_as_the_last(
     sizes: list[int] = []
 
     class Observed(SignupBatcher):
-        async def _process(self, batch: list[Any], held: HeldConnection | None) -> None:
+        async def _process(self, batch: list[Any], connection: HeldConnection | None) -> None:
             sizes.append(len(batch))
-            await super()._process(batch, held)
+            await super()._process(batch, connection)
 
     batcher = Observed(
         db,
@@ -164,12 +164,12 @@ async def test_two_consumers_share_the_load_and_write_at_once(
     running = [0, 0]  # batches begun and not ended: now, at most
 
     class Observed(SignupBatcher):
-        async def _process(self, batch: list[Any], held: HeldConnection | None) -> None:
+        async def _process(self, batch: list[Any], connection: HeldConnection | None) -> None:
             sizes.append(len(batch))
             running[0] += 1
             running[1] = max(running)
             try:
-                await super()._process(batch, held)
+                await super()._process(batch, connection)
             finally:
                 running[0] -= 1
 
