@@ -46,10 +46,10 @@ class Timings:
         process = SignupBatcher._process
         timings = self
 
-        async def timed_batch(batcher: SignupBatcher, batch: list[Any], held: Any) -> None:
+        async def timed_batch(batcher: SignupBatcher, batch: list[Any], connection: Any) -> None:
             started = time.perf_counter()
             try:
-                await process(batcher, batch, held)
+                await process(batcher, batch, connection)
             finally:
                 timings.batches.append(time.perf_counter() - started)
 

@@ -132,6 +132,10 @@ class HeldConnection:
         fairy, self.fairy = self.fairy, None
         return fairy
 
+    def take_fresh(self, within: float) -> PoolProxiedConnection | None:
+        """The connection, if it was last used less than `within` seconds ago."""
+        return self.take() if time.monotonic() - self.used_at < within else None
+
     def keep(self, fairy: PoolProxiedConnection) -> None:
         self.fairy, self.used_at = fairy, time.monotonic()
 
@@ -208,21 +212,19 @@ class Database:
         finally:
             if not healthy:
                 await greenlet_spawn(fairy.invalidate)
-                await greenlet_spawn(fairy.close)
-            elif held is not None:
+            if healthy and held is not None:
                 held.keep(fairy)
             else:
                 await greenlet_spawn(fairy.close)
 
     async def _checkout(self, held: HeldConnection | None) -> PoolProxiedConnection:
         if held is not None:
-            fairy = held.take()
-            if fairy is not None and time.monotonic() - held.used_at < IDLE_PING_AFTER:
-                return fairy
+            fairy = held.take_fresh(IDLE_PING_AFTER)
             if fairy is not None:
-                # Idle long enough to have been closed by the server: back to the pool, which
-                # pings such a connection before handing one out.
-                await greenlet_spawn(fairy.close)
+                return fairy
+            # Any one left has been idle long enough to have been closed by the server: back
+            # to the pool, which pings such a connection before handing one out.
+            await self.release(held)
         return await self.engine.raw_connection()
 
     async def release(self, held: HeldConnection) -> None:
