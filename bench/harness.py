@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 from sqlalchemy import func, select
@@ -62,6 +63,29 @@ async def _pg_admin(statement: str) -> None:
         await conn.execute(statement)
     finally:
         await conn.close()
+
+
+async def _pg_fetch_one(query: str) -> dict[str, Any]:
+    conn = await asyncpg.connect(PG_ADMIN_URL, timeout=10)
+    try:
+        row = await conn.fetchrow(query)
+    finally:
+        await conn.close()
+    return dict(row) if row is not None else {}
+
+
+WAL_COUNTERS = ("wal_records", "wal_fpi", "wal_bytes", "wal_sync")
+
+
+def pg_wal_counters() -> dict[str, int]:
+    """PostgreSQL's cluster-wide WAL counters (pg_stat_wal, PostgreSQL 14+); empty when
+    they cannot be read. Two readings around a run tell how many WAL flushes (each commit
+    waits for one) and how many bytes its sign-ups cost."""
+    try:
+        row = asyncio.run(_pg_fetch_one(f"SELECT {', '.join(WAL_COUNTERS)} FROM pg_stat_wal"))
+    except (OSError, asyncpg.PostgresError):
+        return {}
+    return {name: int(row[name]) for name in WAL_COUNTERS}
 
 
 @contextlib.contextmanager

@@ -83,6 +83,7 @@ class BackendResult:
     subscribers: int | None = None
     expected_subscribers: int | None = None
     outbox: dict[str, int] = field(default_factory=dict)
+    wal: dict[str, int] = field(default_factory=dict)  # PostgreSQL: pg_stat_wal while measured
 
     @property
     def cpu_ms_per_request(self) -> float | None:
@@ -295,13 +296,17 @@ def bench_backend(backend: str, args: argparse.Namespace) -> BackendResult:
         with uvicorn_server(app, env, log_path, args.workers) as server:
             probe(server.base_url)
             warmup = run_wrk(server.base_url, args, args.warmup)
+            wal_before = harness.pg_wal_counters() if backend == "postgresql" else {}
             cpu_before = server.cpu_seconds()
             run = run_wrk(server.base_url, args, args.duration)
             cpu_after = server.cpu_seconds()
+            wal_after = harness.pg_wal_counters() if wal_before else {}
             if run.non2xx or warmup.non2xx:
                 status, body = post_signup(server.base_url, "after@example.com")
                 print(f"  non-2xx answers! One more sign-up now answers {status}: {body[:300]!r}")
         result = BackendResult(backend, run, warmup, load_after=harness.load_average())
+        if wal_after:
+            result.wal = {name: wal_after[name] - wal_before[name] for name in wal_after}
         if cpu_before is not None and cpu_after is not None:
             result.server_cpu = (cpu_after - cpu_before) / run.seconds
         if url is not None:
@@ -315,7 +320,21 @@ def bench_backend(backend: str, args: argparse.Namespace) -> BackendResult:
         f"p50 {run.p50_ms:.2f} ms, p99 {run.p99_ms:.2f} ms, non-2xx {run.non2xx}{cpu}; "
         f"load average {result.load_after}"
     )
+    if result.wal and run.requests:
+        print(f"  {wal_summary(result.wal, run.requests)}")
     return result
+
+
+def wal_summary(wal: dict[str, int], requests: int) -> str:
+    """PostgreSQL's write-ahead log while measured, per sign-up: every batch's commit waits
+    for a WAL flush, so a slow disk shows here first (the counters are the whole cluster's)."""
+    syncs = wal["wal_sync"]
+    per_sync = f"{requests / syncs:.1f} sign-ups per flush" if syncs else "no flushes"
+    return (
+        f"WAL: {syncs} flushes ({per_sync}), {wal['wal_bytes'] / requests / 1024:.1f} KiB "
+        f"and {wal['wal_records'] / requests:.1f} records per sign-up, "
+        f"{wal['wal_fpi']} full-page images"
+    )
 
 
 # ---------------------------------------------------------------- the report
