@@ -23,7 +23,7 @@ from typing import Any, NamedTuple, TextIO
 from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service import events, suppression, tokens
+from service import events, i18n, suppression, tokens
 from service.addresses import Address, normalise
 from service.config import Settings
 from service.csv_export import EXPORT_COLUMNS, _is_pg, _unneutralise
@@ -41,7 +41,7 @@ from service.models import (
 )
 from service.newsletters import SLUG
 from service.signup import Consent, subscribe_many
-from service.signup_input import MAX_LANGUAGE, MAX_NAME, SignupInput
+from service.signup_input import MAX_NAME, SignupInput
 
 log = logging.getLogger(__name__)
 
@@ -399,9 +399,7 @@ class _Reader:
         language = None
         if 0 <= self.language < width and record[self.language]:
             language = record[self.language].strip() or None
-            if language and (
-                len(language) > MAX_LANGUAGE or not language.replace("-", "").isalnum()
-            ):
+            if language and not i18n.is_tag(language):
                 return "invalid language"
         attributes: dict[str, str] = {}
         for index, key in self.attributes:

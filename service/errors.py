@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
 INVALID_EMAIL = "Please, enter correct email address"
 REQUIRED = "This field is required."
+LANGUAGE_TAG = "Language must be a tag like en or uk."
 
 
 @dataclass

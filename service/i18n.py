@@ -26,6 +26,13 @@ from service.config import PROJECT_ROOT
 TRANSLATIONS_DIR = PROJECT_ROOT / "translations"
 DEFAULT_LANGUAGE = "en"
 LANGUAGES = ("en", "uk")
+MAX_TAG = 16  # a stored language tag (subscribers, newsletters)
+
+
+def is_tag(value: str) -> bool:
+    """A language tag as the service stores one: letters, digits and dashes, at most MAX_TAG
+    (a tag it has no translation for is kept, and pages and mail fall back to English)."""
+    return len(value) <= MAX_TAG and value.replace("-", "").isalnum()
 
 
 def supported(tag: str | None) -> str | None:

@@ -12,9 +12,9 @@ from urllib.parse import urlsplit
 from sqlalchemy import Date, cast, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service import events
+from service import events, i18n
 from service.addresses import Address, normalise
-from service.errors import Conflict, FieldError, InvalidInput, NotFound
+from service.errors import LANGUAGE_TAG, Conflict, FieldError, InvalidInput, NotFound
 from service.models import Event, Newsletter, OptIn, Status, Subscription, utcnow
 
 SLUG = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
@@ -78,6 +78,9 @@ def _check(changes: dict[str, Any]) -> dict[str, Any]:
         raise _invalid("name", "A newsletter needs a name.")
     if "opt_in" in clean and clean["opt_in"] not in (OptIn.double.value, OptIn.single.value):
         raise _invalid("opt_in", "opt_in is double or single.")
+    language = clean.get("language")
+    if language is not None and not (isinstance(language, str) and i18n.is_tag(language)):
+        raise _invalid("language", LANGUAGE_TAG)
     ttl = clean.get("confirmation_ttl_seconds")
     if ttl is not None and not (60 <= int(ttl) <= 90 * 86400):
         raise _invalid("confirmation_ttl", "Between 60 seconds and 90 days.")

@@ -6,13 +6,19 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from service import i18n
 from service.addresses import Address, normalise
 from service.config import Settings
-from service.errors import REQUIRED, FieldError, InvalidInput, unknown_newsletters
+from service.errors import (
+    LANGUAGE_TAG,
+    REQUIRED,
+    FieldError,
+    InvalidInput,
+    unknown_newsletters,
+)
 from service.newsletters import SLUG
 
 MAX_NAME = 200
-MAX_LANGUAGE = 16
 MAX_SLUG = 64
 MAX_ATTRIBUTES_DEPTH = 8
 
@@ -98,8 +104,8 @@ def _profile(
             errors.append(FieldError("name", "too_long", f"At most {MAX_NAME} characters."))
 
     language = _text(data.get("language"))
-    if language and (len(language) > MAX_LANGUAGE or not language.replace("-", "").isalnum()):
-        errors.append(FieldError("language", "invalid", "Language must be a tag like en or uk."))
+    if language and not i18n.is_tag(language):
+        errors.append(FieldError("language", "invalid", LANGUAGE_TAG))
 
     attributes = data.get("attributes")
     if attributes is None:

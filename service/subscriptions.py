@@ -82,8 +82,10 @@ async def public_newsletters(session: AsyncSession) -> list[Newsletter]:
 
 async def newsletters_by_slug(session: AsyncSession, slugs: Sequence[str]) -> list[Newsletter]:
     """Public (not archived) newsletters by slug; an unknown one is a field error."""
+    # A slug no newsletter can have (a NUL byte breaks PostgreSQL) never reaches a query.
+    wellformed = [s for s in slugs if SLUG.match(s)]
     rows = await session.scalars(
-        select(Newsletter).where(Newsletter.slug.in_(slugs), Newsletter.archived_at.is_(None))
+        select(Newsletter).where(Newsletter.slug.in_(wellformed), Newsletter.archived_at.is_(None))
     )
     found = {n.slug: n for n in rows}
     unknown = [s for s in slugs if s not in found]

@@ -94,6 +94,28 @@ async def test_newsletter_crud_and_archive(client: httpx.AsyncClient, db: Databa
         "/v1/admin/newsletters/weekly", json={"description": "Fridays"}, headers=headers
     )
     assert patched.json()["description"] == "Fridays"
+    # A language tag is checked as the public sign-up checks one, on create and on change.
+    for answer in (
+        await client.post(
+            "/v1/admin/newsletters",
+            json={"slug": "badlang", "name": "x", "language": "zz-bad!"},
+            headers=headers,
+        ),
+        await client.patch(
+            "/v1/admin/newsletters/weekly", json={"language": "en_US<"}, headers=headers
+        ),
+    ):
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["errors"][0] == {
+            "field": "language",
+            "code": "invalid",
+            "message": "Language must be a tag like en or uk.",
+        }
+    retagged = await client.patch(
+        "/v1/admin/newsletters/weekly", json={"language": "pt-BR"}, headers=headers
+    )
+    assert retagged.json()["language"] == "pt-BR"
+    assert (await client.get("/v1/admin/newsletters/badlang", headers=headers)).status_code == 404
     assert (await client.get("/v1/admin/newsletters/nope", headers=headers)).status_code == 404
 
     archived = await client.delete("/v1/admin/newsletters/weekly", headers=headers)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -344,6 +345,42 @@ async def test_invalid_utf8_is_a_clean_400_or_422(
         assert page.headers["content-type"].startswith("text/html")
     search = await http.get("/v1/admin/subscribers?email=%FF%FE", headers=admin)
     assert search.status_code in (200, 422)
+    assert await count(db, Subscriber) == 0
+
+
+def _routes_with_parameters(routes: list[Any], prefix: str = "") -> list[tuple[str, str]]:
+    """(method, path template) of every route with a path parameter, through included
+    routers (FastAPI keeps those as wrappers of the original router)."""
+    found = []
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            found += _routes_with_parameters(
+                included.routes, prefix + route.include_context.prefix
+            )
+            continue
+        path = prefix + getattr(route, "path", "")
+        for method in sorted(getattr(route, "methods", None) or ()):
+            if "{" in path and method != "HEAD":
+                found.append((method, path))
+    return found
+
+
+async def test_a_nul_in_any_public_path_parameter_is_a_4xx_not_a_500(
+    http: httpx.AsyncClient, hostile_app: FastAPI, db: Database
+) -> None:
+    """Every public route with a path parameter, walked from the app's routes, with a NUL byte
+    in it: PostgreSQL refuses the byte, so a value that reached a query was a 500 there
+    (GET /embed/a%00b was). The admin routes have their own test (test_contract_round2)."""
+    await make_newsletter(db, "weekly")
+    routes = [r for r in _routes_with_parameters(hostile_app.routes) if "/admin" not in r[1]]
+    assert ("GET", "/embed/{slug}") in routes
+    assert ("POST", "/confirm/{token}/resend") in routes
+    for method, template in routes:
+        for nul in ("%00", "a%00b", "weekly%00"):
+            url = re.sub(r"\{[^}]+\}", nul, template)
+            answer = await http.request(method, url)
+            assert 400 <= answer.status_code < 500, (method, url, answer.status_code)
     assert await count(db, Subscriber) == 0
 
 
