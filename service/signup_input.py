@@ -195,12 +195,16 @@ def parse_signup(data: dict[str, Any], settings: Settings) -> SignupInput:
     name, language, attributes = _profile(data, settings, errors)
     if errors or address is None:
         raise InvalidInput(errors)
-    honeypot = data.get("website")
     return SignupInput(
         address=address,
         newsletters=slugs,
         name=name,
         language=language,
         attributes=attributes,
-        honeypot=bool(honeypot),
+        honeypot=honeypot_filled(data),
     )
+
+
+def honeypot_filled(fields: dict[str, Any]) -> bool:
+    """The `website` field, which a person never sees, has something in it."""
+    return bool(fields.get("website"))

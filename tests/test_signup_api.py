@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -758,6 +759,38 @@ async def test_filled_honeypot_on_single_opt_in_looks_like_a_real_subscription(
     assert answer.json() == ACTIVE
     assert await count(db, Subscriber) == 0
     assert await deliver(worker) == 0
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"email": "not an address", "newsletters": ["weekly"]},
+        {"email": "victim@example.com", "newsletters": ["no-such-list"]},
+        {"newsletters": ["weekly"]},
+        {"email": "victim@example.com"},
+        {"email": "victim@example.com", "newsletters": ["weekly"], "language": "<x>"},
+    ],
+    ids=["bad-address", "unknown-newsletter", "no-address", "no-newsletter", "bad-language"],
+)
+async def test_filled_honeypot_with_field_errors_still_answers_success(
+    client: httpx.AsyncClient, db: Database, fields: dict[str, Any]
+) -> None:
+    """A bot that filled the honeypot hears the success a person would, whatever else it got
+    wrong: field errors would tell it what to fix. A browser form gets the thank-you page."""
+    await make_newsletter(db, "weekly")
+    answer = await client.post("/v1/subscriptions", json={**fields, "website": "x"})
+    assert answer.status_code == 202, answer.text
+    assert answer.json() == PENDING
+    page = await client.post(
+        "/v1/subscriptions", data={**fields, "website": "x"}, headers={"accept": "text/html"}
+    )
+    assert page.status_code == 200, page.text
+    assert page.headers["content-type"].startswith("text/html")
+    assert "We've sent you a confirmation email." in html.unescape(page.text)
+    assert await count(db, Subscriber) == 0
+    # The same body without the honeypot is a field error.
+    refused = await client.post("/v1/subscriptions", json=fields)
+    assert refused.status_code == 422
 
 
 async def test_empty_honeypot_is_a_normal_signup(client: httpx.AsyncClient, db: Database) -> None:

@@ -39,7 +39,7 @@ from service.origins import safe_redirect
 from service.ratelimit import RATE_LIMITED, SignupLimiter
 from service.signup import SignupResult
 from service.signup_batcher import SignupBatcher
-from service.signup_input import parse_signup, slug_list
+from service.signup_input import honeypot_filled, parse_signup, slug_list
 
 router = APIRouter(tags=["public"])
 # Most newsletters a refused sign-up has looked up (parse_signup refuses more than the
@@ -167,6 +167,11 @@ async def create_subscription(request: Request) -> Response:
         consent = consent_from(request, "form" if html else "api", ip=ip)
         result = await signups.submit(data, consent)
     except InvalidInput as exc:
+        if honeypot_filled(fields):
+            # A bot hears what a person would, whatever else it got wrong: its field errors
+            # would teach it what to fix.
+            SIGNUP_OUTCOMES["bot"].inc()
+            return _accepted(request, html, SignupResult(all_single_opt_in=False, newsletters=[]))
         SIGNUP_OUTCOMES["invalid"].inc()
         every = await _with_unknown_newsletters(db, fields, exc)
         if html:
@@ -191,6 +196,11 @@ async def create_subscription(request: Request) -> Response:
     SIGNUP_OUTCOMES["bot" if data.honeypot else "accepted"].inc()
     if result.mail_queued:
         wake_worker(request)
+    return _accepted(request, html, result)
+
+
+def _accepted(request: Request, html: bool, result: SignupResult) -> Response:
+    """The success answer: JSON, the thank-you page, or 303 to the newsletter's own page."""
     if html:
         first = result.newsletters[0] if result.newsletters else None
         target = safe_redirect(result.redirect_url, first.allowed_origins if first else None)
