@@ -76,3 +76,15 @@ def normalise(raw: str) -> Address | FieldError:
     except EmailNotValidError as exc:
         return FieldError("email", "invalid_email", INVALID_EMAIL, str(exc))
     return Address(email=result.normalized, key=result.normalized.lower())
+
+
+def ascii_form(email: str) -> str | None:
+    """The address as a mail server without SMTPUTF8 takes it: an internationalised domain in
+    its ASCII (IDNA) form, as email-validator writes it; None when the part before the @ is
+    not ASCII, which only SMTPUTF8 can carry."""
+    if email.isascii():
+        return email
+    try:
+        return validate_email(email, check_deliverability=False).ascii_email
+    except EmailNotValidError:
+        return None

@@ -257,6 +257,28 @@ async def test_refused_recipient_fails_alone(
     assert {by_address[e].status for e in ("ok0@example.com", "ok1@example.com")} == {"sent"}
 
 
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_an_internationalised_domain_is_sent_in_its_ascii_form(
+    app: FastAPI, db: Database, smtp: SMTPServer, worker: DeliveryWorker, pipelining: bool
+) -> None:
+    """A mail server without SMTPUTF8 takes an IDN domain only in its IDNA form; it died on the
+    first send (UnicodeEncodeError). A non-ASCII local part needs SMTPUTF8: dead at once, with
+    the reason, and its neighbours go out."""
+    smtp.sink.pipelining = pipelining
+    await make_newsletter(db, "weekly")
+    await signup_many(app, ["Reader@EXÄMPLE.com", "ünï@exämple.com", "plain@example.com"])
+    assert await worker.run_once() == 3
+    assert recipients(smtp.sink) == {"Reader@xn--exmple-cua.com": 1, "plain@example.com": 1}
+    idn = next(m for m in smtp.sink.received if m.rcpt_tos == ["Reader@xn--exmple-cua.com"])
+    assert idn.message["To"] == "Reader@xn--exmple-cua.com"
+    assert "/confirm/" in idn.text()
+    by_address = {r.recipient: r for r in await rows(db)}
+    assert by_address["Reader@exämple.com"].status == "sent"  # stored as it was given
+    dead = by_address["ünï@exämple.com"]
+    assert (dead.status, dead.attempts) == ("dead", 1)
+    assert "SMTPUTF8" in str(dead.last_error)
+
+
 async def test_message_is_dead_after_max_attempts(
     app: FastAPI, db: Database, smtp: SMTPServer, settings: Settings
 ) -> None:
