@@ -355,9 +355,7 @@ def _routes_with_parameters(routes: list[Any], prefix: str = "") -> list[tuple[s
     for route in routes:
         included = getattr(route, "original_router", None)
         if included is not None:
-            found += _routes_with_parameters(
-                included.routes, prefix + route.include_context.prefix
-            )
+            found += _routes_with_parameters(included.routes, prefix + route.include_context.prefix)
             continue
         path = prefix + getattr(route, "path", "")
         for method in sorted(getattr(route, "methods", None) or ()):
