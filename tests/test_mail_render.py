@@ -67,7 +67,8 @@ def headers(message: Message) -> dict[str, str]:
     right after the colon, leaving white space at the start: it is not part of the value."""
     out: dict[str, str] = {}
     for name, value in message.items():
-        unfolded = re.sub(r"\r?\n(?=[ \t])", "", value).strip()
+        # A UTF-8 header (an SMTPUTF8 recipient) comes back from compat32 as a Header.
+        unfolded = re.sub(r"\r?\n(?=[ \t])", "", str(value)).strip()
         try:
             text = str(make_header(decode_header(unfolded)))
         except LookupError:  # a name that looks like an encoded word in a made-up charset
@@ -97,7 +98,8 @@ def assert_same(fast: OutgoingMail, full: OutgoingMail) -> None:
     assert list(a.keys()) == list(b.keys())  # the same headers in the same order
     assert parts(a) == parts(b)
     for mail in (fast, full):
-        assert mail.data.isascii()
+        # ASCII but for a recipient that only SMTPUTF8 carries, in To as it is (RFC 6532).
+        assert mail.data.isascii() or not mail.recipient.isascii()
         assert max(len(line) for line in mail.data.split(b"\n")) <= 998
 
 
@@ -171,7 +173,10 @@ def test_unusual_recipients_fall_back_to_the_full_render(
     renderer: MailRenderer, recipient: str
 ) -> None:
     args = ("welcome", recipient, [newsletter()], {"subscriber": "abc"}, "<1@x>")
-    assert_same(renderer.render(*args), renderer.render_full(*args))
+    mail = renderer.render(*args)
+    assert_same(mail, renderer.render_full(*args))
+    to = email.message_from_bytes(mail.data, policy=email.policy.default)["To"]
+    assert str(to) == recipient
 
 
 def test_wire_form_is_crlf_and_dot_stuffed(renderer: MailRenderer) -> None:

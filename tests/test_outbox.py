@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import signal
 import ssl
@@ -32,7 +33,7 @@ from service.mail import outbox
 from service.mail.render import OutgoingMail
 from service.mail.transports import DeliveryError, SMTPTransport
 from service.mail.worker import DeliveryWorker, SendPacer
-from service.models import DeliveryAttempt, OutboxMessage, utcnow
+from service.models import DeliveryAttempt, OutboxMessage, Subscription, utcnow
 from tests.conftest import (
     SMTPServer,
     SMTPSink,
@@ -257,19 +258,33 @@ async def test_refused_recipient_fails_alone(
     assert {by_address[e].status for e in ("ok0@example.com", "ok1@example.com")} == {"sent"}
 
 
+@contextlib.contextmanager
+def sink_server(sink: SMTPSink, smtputf8: bool) -> Iterator[str]:
+    """An SMTP server on loopback that offers SMTPUTF8 or not; its mail URL."""
+    port = free_port()
+    controller = Controller(sink, hostname="127.0.0.1", port=port, enable_SMTPUTF8=smtputf8)
+    controller.start()
+    try:
+        yield f"smtp://127.0.0.1:{port}"
+    finally:
+        controller.stop()
+
+
 @pytest.mark.parametrize("pipelining", [True, False])
 async def test_an_internationalised_domain_is_sent_in_its_ascii_form(
-    app: FastAPI, db: Database, smtp: SMTPServer, worker: DeliveryWorker, pipelining: bool
+    app: FastAPI, db: Database, settings: Settings, pipelining: bool
 ) -> None:
     """A mail server without SMTPUTF8 takes an IDN domain only in its IDNA form; it died on the
-    first send (UnicodeEncodeError). A non-ASCII local part needs SMTPUTF8: dead at once, with
-    the reason, and its neighbours go out."""
-    smtp.sink.pipelining = pipelining
+    first send (UnicodeEncodeError). A non-ASCII local part needs SMTPUTF8, which this server
+    does not offer: dead at once, with the reason, and its neighbours go out."""
     await make_newsletter(db, "weekly")
     await signup_many(app, ["Reader@EXÄMPLE.com", "ünï@exämple.com", "plain@example.com"])
-    assert await worker.run_once() == 3
-    assert recipients(smtp.sink) == {"Reader@xn--exmple-cua.com": 1, "plain@example.com": 1}
-    idn = next(m for m in smtp.sink.received if m.rcpt_tos == ["Reader@xn--exmple-cua.com"])
+    sink = SMTPSink(pipelining=pipelining)
+    with sink_server(sink, smtputf8=False) as url:
+        worker = DeliveryWorker(db, settings.model_copy(update={"mail_url": url}))
+        assert await worker.run_once() == 3
+    assert recipients(sink) == {"Reader@xn--exmple-cua.com": 1, "plain@example.com": 1}
+    idn = next(m for m in sink.received if m.rcpt_tos == ["Reader@xn--exmple-cua.com"])
     assert idn.message["To"] == "Reader@xn--exmple-cua.com"
     assert "/confirm/" in idn.text()
     by_address = {r.recipient: r for r in await rows(db)}
@@ -277,6 +292,35 @@ async def test_an_internationalised_domain_is_sent_in_its_ascii_form(
     dead = by_address["ünï@exämple.com"]
     assert (dead.status, dead.attempts) == ("dead", 1)
     assert "SMTPUTF8" in str(dead.last_error)
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_a_non_ascii_local_part_goes_out_over_smtputf8(
+    app: FastAPI, db: Database, settings: Settings, pipelining: bool
+) -> None:
+    """To a server that offers SMTPUTF8 (RFC 6531): the address in UTF-8 on RCPT and, as it
+    is, in the To header (RFC 6532); the link in the mail works."""
+    await make_newsletter(db, "weekly")
+    await signup_many(app, ["ünï@exämple.com", "plain@example.com"])
+    sink = SMTPSink(pipelining=pipelining)
+    with sink_server(sink, smtputf8=True) as url:
+        worker = DeliveryWorker(db, settings.model_copy(update={"mail_url": url}))
+        assert await worker.run_once() == 2
+    assert recipients(sink) == {"ünï@exämple.com": 1, "plain@example.com": 1}
+    [utf8] = [m for m in sink.received if m.rcpt_tos == ["ünï@exämple.com"]]
+    assert str(utf8.message["To"]) == "ünï@exämple.com"
+    assert "/confirm/" in utf8.text()
+    assert {r.status for r in await rows(db)} == {"sent"}
+    # The link works: it confirms the subscription.
+    found = re.search(r"http://testserver(/confirm/[^\s\"<>]+)", utf8.text())
+    assert found is not None, utf8.text()
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        confirmed = await http.post(found.group(1))
+    assert confirmed.status_code == 200, confirmed.text
+    async with db.transaction() as session:
+        statuses = set(await session.scalars(select(Subscription.status)))
+    assert statuses == {"active", "pending"}  # ünï's is active, plain@'s still pending
 
 
 async def test_message_is_dead_after_max_attempts(

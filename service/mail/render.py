@@ -82,6 +82,8 @@ def _one_line(value: str) -> str:
 
 
 _SAFE_HEADER_VALUE = re.compile(r"[\x21-\x7e]+(?: [\x21-\x7e]+)*")
+# Where a UTF-8 To goes in a message flattened by compat32 (see _assemble).
+_UTF8_TO = "utf8-recipient@invalid"
 # compat32 folds header lines past this length; shorter ones it writes as they are.
 _HEADER_LINE = 78
 
@@ -382,11 +384,19 @@ def _assemble(headers: list[tuple[str, str | Header]], text: str, html: str) -> 
     # The compat32 MIME classes build and flatten a message several times faster than
     # EmailMessage's header registry.
     message = MIMEMultipart("alternative")
+    utf8_to = None
     for name, value in headers:
+        if name == "To" and isinstance(value, str) and not value.isascii():
+            # A non-ASCII part before the @ goes out over SMTPUTF8, whose headers are UTF-8
+            # as they are (RFC 6532): compat32 would write an encoded-word, not an address.
+            utf8_to, value = value, _UTF8_TO
         message[name] = value  # type: ignore[assignment]  # compat32 takes Header objects
     message.attach(_text_part(text, "plain"))
     message.attach(_text_part(html, "html"))
-    return message.as_bytes()
+    data = message.as_bytes()
+    if utf8_to is not None:
+        data = data.replace(b"\nTo: " + _UTF8_TO.encode() + b"\n", f"\nTo: {utf8_to}\n".encode(), 1)
+    return data
 
 
 def _quoted_printable(text: str) -> bytes:

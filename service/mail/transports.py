@@ -21,6 +21,12 @@ from service.mail.render import OutgoingMail
 Envelope = tuple[OutgoingMail, str | None]
 
 
+NEEDS_SMTPUTF8 = (
+    "address not sent: its part before the @ is not ASCII, which needs SMTPUTF8, and the "
+    "mail server does not offer it"
+)
+
+
 class DeliveryError(Exception):
     def __init__(self, message: str, permanent: bool) -> None:
         super().__init__(message)
@@ -88,13 +94,19 @@ def wire_data(data: bytes) -> bytes:
     return data + b".\r\n"
 
 
-def _mailbox(address: str) -> bytes:
+def _mailbox(address: str, utf8: bool = False) -> bytes:
     if _PLAIN_ADDRESS.fullmatch(address):
         return b"<" + address.encode() + b">"
     try:
-        return aiosmtplib.email.quote_address(address).encode("ascii")
+        return aiosmtplib.email.quote_address(address).encode("utf-8" if utf8 else "ascii")
     except (ValueError, UnicodeEncodeError) as exc:
         raise DeliveryError(f"address cannot be sent: {address!r}", permanent=True) from exc
+
+
+def needs_smtputf8(mail: OutgoingMail) -> bool:
+    """A recipient with a non-ASCII part before the @ (an internationalised domain is sent in
+    its ASCII form) goes out only over SMTPUTF8 (RFC 6531)."""
+    return not mail.recipient.isascii()
 
 
 class _Replies(asyncio.Protocol):
@@ -210,6 +222,7 @@ class SMTPTransport:
         # The next message whose commands were sent with the last one's content.
         self.opened: tuple[OutgoingMail, str, bytes] | None = None
         self.size = False  # the server takes SIZE= on MAIL (RFC 1870)
+        self.smtputf8 = False  # the server takes UTF-8 addresses and headers (RFC 6531)
 
     async def __aenter__(self) -> SMTPTransport:
         return self
@@ -265,6 +278,7 @@ class SMTPTransport:
                 # that refuses EHLO gets HELO from aiosmtplib's own sendmail.
                 with contextlib.suppress(aiosmtplib.SMTPHeloError):
                     await client.ehlo()
+            self.smtputf8 = client.supports_extension("smtputf8")
             transport = client.transport
             if client.supports_extension("pipelining") and isinstance(
                 transport, asyncio.WriteTransport
@@ -281,10 +295,16 @@ class SMTPTransport:
             self._abort()  # not the message announced: start afresh
         try:
             client = await self._connect()
+            utf8 = needs_smtputf8(mail)
+            if utf8 and not self.smtputf8:
+                raise DeliveryError(NEEDS_SMTPUTF8, permanent=True)
+            if then is not None and needs_smtputf8(then[0]) and not self.smtputf8:
+                then = None  # not announced: it fails in its own turn, this one goes out
             if self.pipeline is not None:
                 await self._send_pipelined(self.pipeline, mail, sender, then)
             else:
-                await client.sendmail(sender, [mail.recipient], mail.data)
+                options = ["SMTPUTF8"] if utf8 else []
+                await client.sendmail(sender, [mail.recipient], mail.data, mail_options=options)
         except DeliveryError:
             await self._close()
             raise
@@ -304,11 +324,14 @@ class SMTPTransport:
         """The MAIL, RCPT and DATA commands of a message, and its DATA as sent."""
         data = wire_data(mail.data)
         # SIZE counts the message as sent, without the end-of-data line (RFC 1870).
-        size = b" SIZE=%d" % (len(data) - 3) if self.size else b""
+        options = b" SIZE=%d" % (len(data) - 3) if self.size else b""
+        utf8 = needs_smtputf8(mail)
+        if utf8:
+            options += b" SMTPUTF8"
         commands = b"MAIL FROM:%s%s\r\nRCPT TO:%s\r\nDATA\r\n" % (
             _mailbox(sender),
-            size,
-            _mailbox(mail.recipient),
+            options,
+            _mailbox(mail.recipient, utf8=utf8),
         )
         return commands, data
 

@@ -37,10 +37,6 @@ log = logging.getLogger(__name__)
 OUTAGE_AFTER = 3
 PURGE_EVERY = 3600.0
 DEFERRED = "deferred: the mail server failed the messages before these"
-NEEDS_SMTPUTF8 = (
-    "address not sent: its part before the @ is not ASCII, which needs SMTPUTF8 "
-    "(not sent by this service)"
-)
 GROUP_WAIT = 0.002  # seconds a group commit waits for the other lanes
 MAIL_SENT = DELIVERIES.labels("email", "sent")  # looked up once, not once a message
 NOT_MIGRATED_MAX_WAIT = 60.0  # seconds between looks at a database that has no schema yet
@@ -256,9 +252,9 @@ class DeliveryWorker:
         targets = [newsletters[i] for i in payload.get("newsletters", []) if i in newsletters]
         if not targets or not message.recipient:
             raise DeliveryError("nothing to render: newsletter gone", permanent=True)
-        recipient = ascii_form(message.recipient)
-        if recipient is None:
-            raise DeliveryError(NEEDS_SMTPUTF8, permanent=True)
+        # An internationalised domain in its ASCII form, which every server takes; a non-ASCII
+        # part before the @ stays as it is, for a server that offers SMTPUTF8.
+        recipient = ascii_form(message.recipient) or message.recipient
         header_id = self.renderer.message_id(message.id, message.created_at.timestamp())
         email = self.renderer.render(message.template, recipient, targets, payload, header_id)
         # With VERP the return path names the message, so a bounce finds its row.
