@@ -16,6 +16,7 @@ from service import events, i18n
 from service.addresses import Address, normalise
 from service.errors import LANGUAGE_TAG, Conflict, FieldError, InvalidInput, NotFound
 from service.models import Event, Newsletter, OptIn, Status, Subscription, utcnow
+from service.origins import origin_of
 
 SLUG = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
 EDITABLE = (
@@ -95,7 +96,7 @@ def _check(changes: dict[str, Any]) -> dict[str, Any]:
             clean[key] = checked.email
     for key in ("redirect_after_signup", "redirect_after_confirm"):
         url = clean.get(key)
-        if url and urlsplit(url).scheme not in ("http", "https"):
+        if url and origin_of(url) is None:  # it would never be redirected to
             raise _invalid(key, "An absolute http(s) URL.")
     origins = clean.get("allowed_origins")
     if origins is not None:

@@ -220,8 +220,7 @@ async def _confirmed_page(request: Request, db: Database, token: str) -> Respons
     async with db.transaction() as session:
         result = await subscriptions.confirm(session, token, consent_from(request, "form"))
     wake_worker(request)
-    first = result.newsletters[0] if result.newsletters else None
-    target = safe_redirect(result.redirect_url, first.allowed_origins if first else None)
+    target = safe_redirect(result.redirect_url)
     if target:
         return RedirectResponse(target, status_code=303)
     return render(

@@ -202,9 +202,8 @@ async def create_subscription(request: Request) -> Response:
 def _accepted(request: Request, html: bool, result: SignupResult) -> Response:
     """The success answer: JSON, the thank-you page, or 303 to the newsletter's own page."""
     if html:
-        first = result.newsletters[0] if result.newsletters else None
-        target = safe_redirect(result.redirect_url, first.allowed_origins if first else None)
-        if target:  # only to one of the newsletter's own sites: never an open redirect
+        target = safe_redirect(result.redirect_url)  # set by ops, never by the request
+        if target:
             return RedirectResponse(target, status_code=303)
         message = _MESSAGES[result.all_single_opt_in]
         return pages.render(request, "thanks.html", {"result": result, "message": message})
