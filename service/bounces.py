@@ -1,7 +1,7 @@
 """Bounces and complaints: what providers and returned mail report, and what it does.
 
-A hard bounce ends every live subscription of the address (`bounced`), a complaint
-unsubscribes it; both suppress the address and hold back the mail still queued for it. Soft
+A hard bounce or a complaint ends every live subscription of the address (`bounced`, the
+event says which); both suppress the address and hold back the mail still queued for it. Soft
 bounces are counted per subscriber and count as a hard one at `soft_bounce_threshold`.
 
 Reports arrive two ways: provider webhooks (`POST /v1/hooks/bounces`, read by
@@ -58,12 +58,8 @@ POSTMARK_TYPES = {
 # What a hard bounce and a complaint do: (suppression reason, new status, its timestamp, event).
 _ENDINGS = {
     HARD: ("bounced", Status.bounced.value, "bounced_at", "subscription.bounced"),
-    COMPLAINT: (
-        "complained",
-        Status.unsubscribed.value,
-        "unsubscribed_at",
-        "subscription.unsubscribed",
-    ),
+    # design: `bounced` (hard bounce / complaint).
+    COMPLAINT: ("complained", Status.bounced.value, "bounced_at", "subscription.bounced"),
 }
 SNS_TYPES = ("Notification", "SubscriptionConfirmation", "UnsubscribeConfirmation")
 _REASON_LENGTH = 300

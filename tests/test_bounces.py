@@ -160,9 +160,11 @@ async def test_generic_hard_bounce_marks_every_live_subscription_bounced(
     assert bounced[0]["data"] == {"bounce_type": "hard", "reason": "550 user unknown"}
 
 
-async def test_complaint_unsubscribes_and_is_recorded_as_one(
+async def test_complaint_marks_bounced_and_is_recorded_as_one(
     client: httpx.AsyncClient, db: Database
 ) -> None:
+    """design: `bounced` (hard bounce / complaint); the intake "suppresses and marks
+    `bounced`"."""
     admin = await make_key(db)
     await two_lists(db, client, "angry@example.com")
     answer = await client.post(
@@ -171,11 +173,12 @@ async def test_complaint_unsubscribes_and_is_recorded_as_one(
     assert answer.status_code == 200, answer.text
     assert answer.json()["complaints"] == 1
     detail = await person(client, admin, "angry@example.com")
-    assert statuses(detail) == {"weekly": "unsubscribed", "daily": "unsubscribed"}
-    unsubscribed = events_of(detail, "subscription.unsubscribed")
-    assert len(unsubscribed) == 2
-    assert all(e["data"] == {"reason": "complaint"} for e in unsubscribed)
-    assert all(e["actor"] == "bounce:webhook" for e in unsubscribed)
+    assert statuses(detail) == {"weekly": "bounced", "daily": "bounced"}
+    bounced = events_of(detail, "subscription.bounced")
+    assert len(bounced) == 2
+    assert all(e["data"] == {"reason": "complaint"} for e in bounced)
+    assert all(e["actor"] == "bounce:webhook" for e in bounced)
+    assert events_of(detail, "subscription.unsubscribed") == []
 
 
 async def test_an_unsubscribed_list_stays_unsubscribed_after_a_hard_bounce(
@@ -218,8 +221,8 @@ async def test_ses_notifications_through_sns(client: httpx.AsyncClient, db: Data
         assert answer.status_code == 200, answer.text
     assert statuses(await person(client, admin, "hard@example.com")) == {"weekly": "bounced"}
     spam = await person(client, admin, "spam@example.com")
-    assert statuses(spam) == {"weekly": "unsubscribed"}
-    assert events_of(spam, "subscription.unsubscribed")[0]["actor"] == "bounce:ses"
+    assert statuses(spam) == {"weekly": "bounced"}
+    assert events_of(spam, "subscription.bounced")[0]["actor"] == "bounce:ses"
     full = await person(client, admin, "full@example.com")
     assert statuses(full) == {"weekly": "active"}  # one soft bounce is not enough
     assert events_of(full, "subscriber.soft_bounced")[0]["data"]["count"] == 1
@@ -308,9 +311,7 @@ async def test_postmark_bounce_and_spam_complaint_webhooks(
     hard_detail = await person(client, admin, "pm-hard@example.com")
     assert statuses(hard_detail) == {"weekly": "bounced"}
     assert events_of(hard_detail, "subscription.bounced")[0]["actor"] == "bounce:postmark"
-    assert statuses(await person(client, admin, "pm-spam@example.com")) == {
-        "weekly": "unsubscribed"
-    }
+    assert statuses(await person(client, admin, "pm-spam@example.com")) == {"weekly": "bounced"}
     assert statuses(await person(client, admin, "pm-auto@example.com")) == {"weekly": "active"}
 
 

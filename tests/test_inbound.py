@@ -264,8 +264,8 @@ async def test_an_abuse_report_to_the_verp_address_is_a_complaint(
     verp = tokens.verp_address(settings.secret_keys, settings.mail_from, outbox_id)
     await send(listener, "feedback@isp.example.net", verp, arf(verp))
     detail = await person(client, admin, "upset@example.com")
-    assert statuses(detail) == {"weekly": "unsubscribed"}
-    [event] = events_of(detail, "subscription.unsubscribed")
+    assert statuses(detail) == {"weekly": "bounced"}
+    [event] = events_of(detail, "subscription.bounced")
     assert event["data"] == {"reason": "complaint"}
     assert event["actor"] == "bounce:arf"
 
