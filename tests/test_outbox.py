@@ -42,6 +42,7 @@ from tests.conftest import (
     make_newsletter,
     start_smtp,
 )
+from tests.test_admin import make_key
 
 if TYPE_CHECKING:
     from tests.conftest import TestDatabase
@@ -321,6 +322,30 @@ async def test_a_non_ascii_local_part_goes_out_over_smtputf8(
     async with db.transaction() as session:
         statuses = set(await session.scalars(select(Subscription.status)))
     assert statuses == {"active", "pending"}  # ünï's is active, plain@'s still pending
+
+
+async def test_a_reused_row_id_never_repeats_a_message_id(
+    app: FastAPI, db: Database, smtp: SMTPServer, worker: DeliveryWorker
+) -> None:
+    """SQLite gives a deleted last row's id to the next row: an erase deletes the person's
+    outbox rows, and the next sign-up's mail took the same id and, within the same second,
+    the same Message-ID as a different message."""
+    await make_newsletter(db, "weekly")
+    admin = await make_key(db)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        await signup(http, "first@example.com")
+        assert await deliver(worker) == 1
+        [first] = await rows(db)
+        found = await http.get("/v1/admin/subscribers", params={"email": "first@"}, headers=admin)
+        [person] = found.json()["items"]
+        erased = await http.delete(f"/v1/admin/subscribers/{person['id']}", headers=admin)
+        assert erased.status_code == 204
+        await signup(http, "second@example.com")
+    assert await deliver(worker) == 1
+    [second] = await rows(db)
+    ids = [m.message["Message-ID"] for m in smtp.sink.received]
+    assert len(ids) == 2 and ids[0] != ids[1], (first.id, second.id, ids)
 
 
 async def test_message_is_dead_after_max_attempts(

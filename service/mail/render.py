@@ -377,7 +377,9 @@ class MailRenderer:
 
     def message_id(self, outbox_id: int, created_at_ts: float) -> str:
         # Stable across retries, so a receiver can drop a duplicate of an at-least-once send.
-        return f"<{outbox_id}.{int(created_at_ts)}@{self.settings.site_domain}>"
+        # The creation time to the microsecond: SQLite gives a deleted last row's id to the
+        # next row (an erase deletes outbox rows), which may come within the same second.
+        return f"<{outbox_id}.{round(created_at_ts * 1_000_000)}@{self.settings.site_domain}>"
 
 
 def _assemble(headers: list[tuple[str, str | Header]], text: str, html: str) -> bytes:
