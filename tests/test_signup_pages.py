@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import html
 import re
 
@@ -257,6 +258,36 @@ async def test_unsubscribe_post_unsubscribes_from_everything(
     assert await statuses(client, db) == {
         "reader@example.com": {"weekly": "unsubscribed", "daily": "unsubscribed"}
     }
+
+
+async def test_a_double_clicked_save_is_a_page_for_every_click(
+    client: httpx.AsyncClient,
+    db: Database,
+    settings: Settings,
+    smtp: SMTPServer,
+    worker: DeliveryWorker,
+) -> None:
+    """Saves that add the same newsletter at once raced on its unique key (PostgreSQL): some
+    answered an API's JSON 409 to a reader. Each click gets the page, and one subscription."""
+    await make_newsletter(db, "weekly")
+    await make_newsletter(db, "daily", opt_in="single")
+    await active_reader(client, db, smtp, worker, "weekly")
+    path = await manage_path(client, db, settings)
+    for _ in range(3):
+        answers = await asyncio.gather(
+            *(
+                client.post(path, data={"newsletters": ["weekly", "daily"]}, headers=BROWSER)
+                for _ in range(8)
+            )
+        )
+        assert {a.status_code for a in answers} == {200}, [a.text[:200] for a in answers]
+        assert all(is_html(a) for a in answers)
+        assert await statuses(client, db) == {
+            "reader@example.com": {"weekly": "active", "daily": "active"}
+        }
+        # Untick daily again, for the next round of concurrent saves.
+        untick = await client.post(path, data={"newsletters": ["weekly"]}, headers=BROWSER)
+        assert untick.status_code == 200
 
 
 async def test_unsubscribe_post_with_newsletter_leaves_the_others(
