@@ -27,6 +27,8 @@ from service.newsletters import SLUG
 from service.signup import Consent, mail_payload, subscribe
 from service.signup_input import parse_profile, parse_signup
 
+ALREADY_A_SUBSCRIBER = "This address is already a subscriber; set its subscriptions instead."
+
 
 @dataclass
 class SubscriberRow:
@@ -177,11 +179,16 @@ async def add_subscriber(
         raise InvalidInput([FieldError("email", "blocked", "This address is blocked.")])
     existing = await session.scalar(select(Subscriber.id).where(Subscriber.email_key == key))
     if existing is not None:
-        raise Conflict("This address is already a subscriber; set its subscriptions instead.")
+        raise Conflict(ALREADY_A_SUBSCRIBER)
     consent = Consent(source="admin", page=note or None, actor=actor)
     if status == Status.pending.value:
         await subscribe(session, settings, data, consent, now)
-        return await session.get_one(Subscriber, await _id_of(session, key))
+        added = await session.get_one(Subscriber, await _id_of(session, key))
+        if added.created_at != now:
+            # Another add of the same address committed between the look above and the
+            # sign-up's insert (PostgreSQL): this one's confirmation and events go back.
+            raise Conflict(ALREADY_A_SUBSCRIBER)
+        return added
     if key in await suppression.suppressed(session, [key]):
         raise InvalidInput(
             [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
@@ -469,3 +470,32 @@ async def test_prefix_search_pages_in_address_order(
         await client.get("/v1/admin/subscribers", params={"email": "ann_"}, headers=headers)
     ).json()
     assert [i["email"] for i in literal["items"]] == ["ann_x@example.com"]
+
+
+async def test_the_same_add_at_once_adds_once_and_mails_once(
+    client: httpx.AsyncClient, db: Database, smtp: SMTPServer, worker: DeliveryWorker
+) -> None:
+    """Concurrent adds of one address as pending each looked, found nobody, and went on: on
+    PostgreSQL all answered 201, with a confirmation, an event and a mail each. One is added;
+    the others get 409 and leave nothing behind."""
+    await make_newsletter(db, "news")
+    headers = await make_key(db)
+    answers = await asyncio.gather(
+        *(
+            client.post(
+                "/v1/admin/subscribers",
+                json={"email": "twice@example.com", "newsletters": ["news"]},
+                headers=headers,
+            )
+            for _ in range(10)
+        )
+    )
+    assert sorted(a.status_code for a in answers) == [201] + [409] * 9, [a.text for a in answers]
+    async with db.transaction() as session:
+        pending = await session.scalar(
+            text("SELECT count(*) FROM events WHERE type = 'subscription.pending'")
+        )
+        confirmations = await session.scalar(text("SELECT count(*) FROM confirmations"))
+    assert (pending, confirmations) == (1, 1)
+    assert await deliver(worker) == 1
+    assert [m.rcpt_tos for m in smtp.sink.received] == [["twice@example.com"]]
