@@ -9,7 +9,7 @@ from datetime import date, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import Date, cast, func, select, text
+from sqlalchemy import Date, case, cast, distinct, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service import events, i18n
@@ -63,6 +63,9 @@ class NewsletterStats:
     days: list[DayStats] = field(default_factory=list)
     confirmation_rate: float | None = None
     median_time_to_confirm_seconds: float | None = None
+
+
+STATS_EVENTS = ("subscription.pending", "subscription.confirmed", "subscription.unsubscribed")
 
 
 def _invalid(field_name: str, message: str) -> InvalidInput:
@@ -229,21 +232,33 @@ async def newsletter_stats(
     )
     since = (now - timedelta(days=days - 1)).replace(hour=0, minute=0, second=0, microsecond=0)
     day = cast(Event.created_at, Date) if _is_pg(session) else func.date(Event.created_at)
+    # People a day, not events: one who signs up twice in a day is one sign-up. A single
+    # opt-in sign-up (a `subscription.confirmed` event with opt_in single) is a sign-up, not
+    # a confirmation: nobody confirmed anything.
+    kind = case(
+        (Event.type == "subscription.pending", "signups"),
+        (
+            (Event.type == "subscription.confirmed")
+            & (Event.data["opt_in"].as_string() == OptIn.single.value),
+            "signups",
+        ),
+        (Event.type == "subscription.confirmed", "confirmations"),
+        (Event.type == "subscription.unsubscribed", "unsubscribes"),
+    )
     rows = await session.execute(
-        select(day, Event.type, func.count())
-        .where(Event.newsletter_id == newsletter.id, Event.created_at >= since)
-        .group_by(day, Event.type)
+        select(day, kind, func.count(distinct(Event.subscriber_id)))
+        .where(
+            Event.newsletter_id == newsletter.id,
+            Event.created_at >= since,
+            Event.type.in_(STATS_EVENTS),
+        )
+        .group_by(day, kind)
     )
     by_day: dict[date, DayStats] = {}
-    for raw_day, event_type, n in rows.all():
+    for raw_day, counted, n in rows.all():
         key = raw_day if isinstance(raw_day, date) else date.fromisoformat(str(raw_day))
         stats = by_day.setdefault(key, DayStats(key))
-        if event_type == "subscription.pending":
-            stats.signups += int(n)
-        elif event_type == "subscription.confirmed":
-            stats.confirmations += int(n)
-        elif event_type == "subscription.unsubscribed":
-            stats.unsubscribes += int(n)
+        setattr(stats, counted, getattr(stats, counted) + int(n))
     asked, confirmed = (
         await session.execute(
             select(

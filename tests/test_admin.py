@@ -499,3 +499,29 @@ async def test_the_same_add_at_once_adds_once_and_mails_once(
     assert (pending, confirmations) == (1, 1)
     assert await deliver(worker) == 1
     assert [m.rcpt_tos for m in smtp.sink.received] == [["twice@example.com"]]
+
+
+async def test_stats_count_people_and_single_opt_in_sign_ups(
+    client: httpx.AsyncClient, db: Database
+) -> None:
+    """A single opt-in sign-up is a sign-up (it counted as none, and as a confirmation), and
+    one person signing up twice in a day is one sign-up (it counted events)."""
+    headers = await make_key(db, "read")
+    await make_newsletter(db, "news", opt_in="single")
+    await make_newsletter(db, "weekly")
+    for i in range(3):
+        answer = await client.post(
+            "/v1/subscriptions", json={"email": f"n{i}@example.com", "newsletters": ["news"]}
+        )
+        assert answer.status_code == 200
+    for email in ("a@example.com", "b@example.com", "a@example.com"):
+        answer = await client.post(
+            "/v1/subscriptions", json={"email": email, "newsletters": ["weekly"]}
+        )
+        assert answer.status_code == 202
+    single = (await client.get("/v1/admin/newsletters/news/stats", headers=headers)).json()
+    [today] = single["days"]
+    assert (today["signups"], today["confirmations"], today["unsubscribes"]) == (3, 0, 0)
+    double = (await client.get("/v1/admin/newsletters/weekly/stats", headers=headers)).json()
+    [today] = double["days"]
+    assert (today["signups"], today["confirmations"]) == (2, 0)
