@@ -28,6 +28,13 @@ from service.signup import Consent, mail_payload, subscribe
 from service.signup_input import parse_profile, parse_signup
 
 ALREADY_A_SUBSCRIBER = "This address is already a subscriber; set its subscriptions instead."
+# Ops cannot make a suppressed address active: only its owner can, through double opt-in.
+SUPPRESSED = FieldError(
+    "email",
+    "suppressed",
+    "This address was erased, bounced or complained: it comes back only through double opt-in "
+    "(add it as pending).",
+)
 
 
 @dataclass
@@ -190,15 +197,7 @@ async def add_subscriber(
             raise Conflict(ALREADY_A_SUBSCRIBER)
         return added
     if key in await suppression.suppressed(session, [key]):
-        raise InvalidInput(
-            [
-                FieldError(
-                    "email",
-                    "suppressed",
-                    "This address was erased, bounced or complained: add it as pending.",
-                )
-            ]
-        )
+        raise InvalidInput([SUPPRESSED])
     found = await _newsletters(session, data.newsletters)
     subscriber = Subscriber(
         public_id=tokens.new_public_id(),
@@ -298,6 +297,13 @@ async def set_subscription_status(
             Subscription.newsletter_id == newsletter.id,
         )
     )
+    activating = status == Status.active.value and (
+        subscription is None or subscription.status != status
+    )
+    if activating and subscriber.email_key in await suppression.suppressed(
+        session, [subscriber.email_key]
+    ):
+        raise InvalidInput([SUPPRESSED])
     if subscription is None:
         if status == Status.unsubscribed.value:
             raise NotFound("Not subscribed to this newsletter.")

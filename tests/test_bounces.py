@@ -561,3 +561,35 @@ async def test_a_bounced_address_is_not_reactivated_by_a_single_opt_in_signup(
     assert smtp.sink.received == []
     async with db.transaction() as session:
         assert await session.scalar(text("SELECT count(*) FROM subscriptions")) == 0
+
+
+async def test_ops_cannot_reactivate_a_bounced_address(
+    client: httpx.AsyncClient, db: Database
+) -> None:
+    """A suppressed address "may not be mailed": PUT .../subscriptions/{slug} active brought
+    a hard-bounced one back to active. It is a 422 naming the suppression; unsubscribing
+    still works."""
+    admin = await make_key(db)
+    await two_lists(db, client, "gone@example.com")
+    answer = await client.post(
+        HOOK,
+        json=[{"type": "bounce", "email": "gone@example.com", "bounce_type": "hard"}],
+        headers=AUTH,
+    )
+    assert answer.status_code == 200, answer.text
+    detail = await person(client, admin, "gone@example.com")
+    assert statuses(detail) == {"weekly": "bounced", "daily": "bounced"}
+    url = f"/v1/admin/subscribers/{detail['id']}/subscriptions"
+    for slug in ("weekly", "daily"):
+        refused = await client.put(f"{url}/{slug}", json={"status": "active"}, headers=admin)
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["errors"][0]["code"] == "suppressed"
+    await make_newsletter(db, "monthly")
+    refused = await client.put(f"{url}/monthly", json={"status": "active"}, headers=admin)
+    assert refused.status_code == 422
+    assert statuses(await person(client, admin, "gone@example.com")) == {
+        "weekly": "bounced",
+        "daily": "bounced",
+    }
+    left = await client.put(f"{url}/weekly", json={"status": "unsubscribed"}, headers=admin)
+    assert left.status_code == 200, left.text
