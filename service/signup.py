@@ -48,6 +48,9 @@ class Consent:
     user_agent: str | None = None
     page: str | None = None
     actor: str | None = None  # who acted, for the event log, when not the reader (a key)
+    # The reader must confirm even on single opt-in lists: ops added them without a note
+    # saying where their consent came from.
+    confirm: bool = False
 
     def columns(self, now: datetime) -> dict[str, Any]:
         return {
@@ -369,12 +372,12 @@ async def _rounds(runner: Runner, accepted: list[_Work]) -> list[dict[str, _Work
     (the same address twice in one batch is applied in order)."""
     # A suppressed address (bounced, complained, erased) comes back only through double
     # opt-in: single opt-in lists are not mailed or activated for it.
-    single = [w for w in accepted if any(n.opt_in == OptIn.single.value for n in w.newsletters)]
+    single = [w for w in accepted if any(_activates(w, n) for n in w.newsletters)]
     held = await suppression.suppressed_on(runner, {w.data.address.key for w in single})
     rounds: list[dict[str, _Work]] = []
     for work in accepted:
         if work.data.address.key in held:
-            work.newsletters = [n for n in work.newsletters if n.opt_in != OptIn.single.value]
+            work.newsletters = [n for n in work.newsletters if not _activates(work, n)]
             if not work.newsletters:
                 continue
         target = next((r for r in rounds if work.data.address.key not in r), None)
@@ -383,6 +386,11 @@ async def _rounds(runner: Runner, accepted: list[_Work]) -> list[dict[str, _Work
             rounds.append(target)
         target[work.data.address.key] = work
     return rounds
+
+
+def _activates(work: _Work, newsletter: Newsletter) -> bool:
+    """Whether this sign-up makes the newsletter active at once (single opt-in)."""
+    return newsletter.opt_in == OptIn.single.value and not work.consent.confirm
 
 
 async def _apply(runner: Runner, settings: Settings, batch: list[_Work], now: datetime) -> None:
@@ -530,7 +538,7 @@ def _subscription_writes(
             current = existing.get((work.subscriber_id, newsletter.id))
             if current is not None and current[1] == Status.active.value:
                 continue
-            single = newsletter.opt_in == OptIn.single.value
+            single = _activates(work, newsletter)
             target = Status.active if single else Status.pending
             (work.activated if single else work.pending).append(newsletter)
             new_events.append(

@@ -187,7 +187,14 @@ async def add_subscriber(
     existing = await session.scalar(select(Subscriber.id).where(Subscriber.email_key == key))
     if existing is not None:
         raise Conflict(ALREADY_A_SUBSCRIBER)
-    consent = Consent(source="admin", page=note or None, actor=actor)
+    consent = Consent(
+        source="admin",
+        page=note or None,
+        actor=actor,
+        # Pending means the reader confirms, on single opt-in lists too: no note says where
+        # their consent came from.
+        confirm=status == Status.pending.value,
+    )
     if status == Status.pending.value:
         await subscribe(session, settings, data, consent, now)
         added = await session.get_one(Subscriber, await _id_of(session, key))

@@ -525,3 +525,32 @@ async def test_stats_count_people_and_single_opt_in_sign_ups(
     double = (await client.get("/v1/admin/newsletters/weekly/stats", headers=headers)).json()
     [today] = double["days"]
     assert (today["signups"], today["confirmations"]) == (2, 0)
+
+
+async def test_added_as_pending_confirms_even_on_a_single_opt_in_list(
+    client: httpx.AsyncClient, db: Database, smtp: SMTPServer, worker: DeliveryWorker
+) -> None:
+    """design: add "with status and a consent note, or as pending with a confirmation mail".
+    On a single opt-in list a pending add went straight to active, with no note and no mail."""
+    await make_newsletter(db, "news", opt_in="single")
+    headers = await make_key(db)
+    added = await client.post(
+        "/v1/admin/subscribers",
+        json={"email": "h@example.com", "newsletters": ["news"], "status": "pending"},
+        headers=headers,
+    )
+    assert added.status_code == 201, added.text
+    assert [s["status"] for s in added.json()["subscriptions"]] == ["pending"]
+    assert await deliver(worker) == 1
+    [mail] = smtp.sink.received
+    found = re.search(r"http://testserver(/confirm/[^\s\"<>]+)", mail.text())
+    assert found is not None, mail.text()
+    assert (await client.post(found.group(1))).status_code == 200
+    shown = await client.get(f"/v1/admin/subscribers/{added.json()['id']}", headers=headers)
+    assert [s["status"] for s in shown.json()["subscriptions"]] == ["active"]
+    # A reader's own sign-up to the same kind of list is still active at once.
+    await make_newsletter(db, "daily", opt_in="single")
+    own = await client.post(
+        "/v1/subscriptions", json={"email": "o@example.com", "newsletters": ["daily"]}
+    )
+    assert own.status_code == 200 and own.json()["status"] == "active"
