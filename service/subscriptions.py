@@ -10,12 +10,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service import events, suppression, tokens
 from service.addresses import Address
 from service.config import Settings
+from service.db import insert_for
 from service.errors import (
     ConfirmationExpired,
     InvalidInput,
@@ -382,15 +383,20 @@ async def _activate(
 ) -> None:
     values = {"status": Status.active.value, "confirmed_at": now, "updated_at": now}
     if item.status is None:
-        await session.execute(
-            insert(Subscription).values(
+        added = await session.scalar(
+            insert_for(session)(Subscription)
+            .values(
                 subscriber_id=subscriber_id,
                 newsletter_id=item.newsletter.id,
                 created_at=now,
                 **values,
                 **consent.columns(now),
             )
+            .on_conflict_do_nothing(index_elements=["subscriber_id", "newsletter_id"])
+            .returning(Subscription.id)
         )
+        if added is None:
+            return  # a concurrent save (a double-clicked Save) added it, and recorded it
     else:
         await session.execute(
             update(Subscription)

@@ -7,11 +7,11 @@ from collections.abc import Iterable
 from datetime import datetime
 
 from sqlalchemy import delete, func, literal_column, or_, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service import events
 from service.addresses import normalise
+from service.db import insert_for
 from service.driver import Query, Runner, SessionRunner, any_of
 from service.errors import Conflict, FieldError, InvalidInput, NotFound
 from service.models import BlockedEntry, Suppression, table, utcnow
@@ -59,9 +59,8 @@ async def suppress(
     session: AsyncSession, email_key: str, reason: str, now: datetime | None = None
 ) -> None:
     """Record a suppression; repeating it (even concurrently) keeps the first reason."""
-    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
     await session.execute(
-        insert(table(Suppression))
+        insert_for(session)(table(Suppression))
         .values(email_hash=address_hash(email_key), reason=reason, created_at=now or utcnow())
         .on_conflict_do_nothing(index_elements=["email_hash"])
     )

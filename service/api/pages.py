@@ -14,7 +14,6 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
-from sqlalchemy.exc import IntegrityError
 
 from service import i18n, subscriptions
 from service.api.bodies import read_fields
@@ -366,26 +365,19 @@ async def manage_post(token: str, request: Request, db: DbDep, settings: Setting
     if chosen is None:  # malformed input must never read as "untick everything"
         raise InvalidInput([NOT_SLUGS])
     consent = consent_from(request, "form")
-    for attempt in (1, 2):
-        try:
-            async with db.transaction() as session:
-                subscriber = await subscriptions.subscriber_by_token(
-                    session, settings.secret_keys, token
+    try:
+        async with db.transaction() as session:
+            subscriber = await subscriptions.subscriber_by_token(
+                session, settings.secret_keys, token
+            )
+            if fields.get("action") == "unsubscribe_all":
+                prefs = await subscriptions.unsubscribe_from_all(session, subscriber, consent)
+            else:
+                prefs = await subscriptions.save_preferences(
+                    session, subscriber, set(chosen), consent
                 )
-                if fields.get("action") == "unsubscribe_all":
-                    prefs = await subscriptions.unsubscribe_from_all(session, subscriber, consent)
-                else:
-                    prefs = await subscriptions.save_preferences(
-                        session, subscriber, set(chosen), consent
-                    )
-            break
-        except TokenNotFound:
-            return not_found(request)
-        except IntegrityError:
-            # A double-clicked Save: the other submit created the same subscription first.
-            # Done again, this one sees it; a reader gets the page, not an API's 409.
-            if attempt == 2:
-                raise
+    except TokenNotFound:
+        return not_found(request)
     return render(
         request,
         "manage.html",
